@@ -1,0 +1,130 @@
+"""Checkpoints (SPEC §4): one ``.safetensors`` file, weights plus the conversion recipe as JSON metadata.
+
+Loading rebuilds the source architecture, re-applies the recipe's sites and loads the weights with
+``strict=True``. Nothing is ever unpickled. Writes go to a temporary file in the same folder and are
+renamed into place, so a checkpoint is never half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, PixifyError
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save", "load", "read_recipe", "atomic_write"]
+
+FORMAT = "pixify"
+FORMAT_VERSION = 1
+_META_KEY = "pixify"
+
+
+def check_output_path(path: str | Path) -> Path:
+    p = Path(path)
+    if p.exists() and p.is_dir():
+        raise PixifyError(f"output path {path} is a directory", "give a file name ending in .safetensors")
+    if not p.parent.exists():
+        raise PixifyError(f"output directory {p.parent} does not exist", "create it first or choose another -o")
+    return p
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` and rename the result onto ``path``; removes the temporary on failure."""
+    p = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent or "."))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(model: nn.Module, path: str | Path, recipe: dict[str, Any] | None = None) -> Path:
+    """Write ``model``'s weights and ``recipe`` (default: ``model.pixify_recipe``) to ``path`` atomically."""
+    from safetensors.torch import save_model
+
+    recipe = recipe if recipe is not None else getattr(model, "pixify_recipe", None)
+    if recipe is None:
+        raise PixifyError("this model carries no pixify recipe", "save the model returned by pixify.convert")
+    from . import __version__
+
+    meta = dict(recipe)
+    meta.update(format=FORMAT, format_version=FORMAT_VERSION, pixify_version=__version__)
+    atomic_write(path, lambda tmp: save_model(model, tmp, metadata={"format": "pt", _META_KEY: json.dumps(meta)}))
+    return Path(path)
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The recipe stored in a pixify checkpoint, validated; raises :class:`CheckpointError`."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason})",
+                              "the file may be truncated or of another type") from None
+    if _META_KEY not in meta:
+        raise CheckpointError(f"{path} is not a pixify checkpoint (no recipe in its metadata)",
+                              "plain weights go in with --weights FILE")
+    try:
+        recipe = json.loads(meta[_META_KEY])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: the pixify recipe is not valid JSON") from None
+    if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a pixify checkpoint (unknown recipe format)")
+    version = recipe.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {version}; this pixify reads up to "
+                              f"{FORMAT_VERSION}", "upgrade pixify")
+    for key in ("source", "sites"):
+        if key not in recipe:
+            raise CheckpointError(f"{path}: the recipe lacks '{key}'")
+    recipe["_tensor_names"] = keys
+    return recipe
+
+
+def load(path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the converted model stored in ``path``.
+
+    ``model``: a freshly built instance of the original architecture, needed only for checkpoints made
+    from a user's own module (``source.library == "custom"``).
+    """
+    from safetensors.torch import load_model
+
+    from .rewrite import SiteRecord, apply_sites
+    from .sources import Source, rebuild
+
+    recipe = read_recipe(path)
+    source = Source.from_json(recipe["source"])
+    if model is None:
+        model = rebuild(source)
+    sites = [SiteRecord.from_json(s) for s in recipe["sites"]]
+    try:
+        apply_sites(model, sites)
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: the recipe does not apply to {source.spec}: {exc}") from None
+    try:
+        load_model(model, str(path), strict=True, device=str(map_location))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{path}: the weights do not fit the rebuilt model "
+                              f"({first[-1].strip() if first else 'shape mismatch'})") from None
+    recipe.pop("_tensor_names", None)
+    model.pixify_recipe = recipe
+    model.eval()
+    return model

@@ -1,0 +1,275 @@
+"""The conversion pipeline behind ``pixify.convert`` and ``pixify.inspect``.
+
+analyse (trace + match rules) → plan (ζ per site) → apply (swap modules) → check (forward once, output
+shape) → optionally re-estimate batch-norm statistics on calibration data → measure (MACs, params,
+output agreement) → report.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import PixifyError
+from .graph import Analysis, NearMiss, Untraced, analyse, example_input_for
+from .metrics import _call, _logits, count_macs, count_params, output_agreement
+from .rewrite import SiteRecord, apply_sites, parse_zeta, plan_sites
+from .rules import Rule, active_rules
+from .sources import Source, custom_source
+
+__all__ = ["ConversionReport", "convert", "convert_named", "inspect", "recalibrate_batchnorm"]
+
+MODES = ("squeeze",)  # prune mode: SPEC §3.2, not implemented yet
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion matched, did, skipped and measured."""
+
+    model: str
+    mode: str
+    zeta: int | str
+    tau: float
+    preset: str | None
+    sites: list[SiteRecord] = field(default_factory=list)
+    near_misses: list[NearMiss] = field(default_factory=list)
+    untraced: list[Untraced] = field(default_factory=list)
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    macs_before: int = 0
+    macs_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    input_shape: tuple[int, ...] = ()
+    agreement: dict[str, float] = field(default_factory=dict)
+    agreement_on: str = "example input"
+    seconds: float = 0.0
+
+    def count(self, action: str) -> int:
+        return sum(1 for s in self.sites if s.action == action)
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else float("nan")
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "mode": self.mode, "zeta": self.zeta, "tau": self.tau, "preset": self.preset,
+            "counts": {a: self.count(a) for a in ("pure", "hybrid", "skip")},
+            "sites": [s.to_json() for s in self.sites],
+            "near_misses": [vars(n) for n in self.near_misses],
+            "untraced": [vars(u) for u in self.untraced],
+            "rules": self.rules,
+            "macs_before": self.macs_before, "macs_after": self.macs_after, "macs_ratio": self.macs_ratio,
+            "params_before": self.params_before, "params_after": self.params_after,
+            "params_ratio": self.params_ratio, "input_shape": list(self.input_shape),
+            "agreement": self.agreement, "agreement_on": self.agreement_on, "seconds": round(self.seconds, 3),
+        }
+
+
+def _check_tau(tau: Any) -> float:
+    try:
+        t = float(tau)
+    except (TypeError, ValueError):
+        raise PixifyError(f"tau must be a number in (0, 1), got '{tau}'") from None
+    if not (0.0 < t < 1.0) or not math.isfinite(t):
+        raise PixifyError(f"tau must be in (0, 1), got {tau}")
+    return t
+
+
+def _check_zeta(zeta: Any) -> int | str:
+    try:
+        return parse_zeta(zeta)
+    except ValueError as exc:
+        raise PixifyError(str(exc)) from None
+
+
+def _rules_for(mode: str, preset: str | None, rules: Iterable[Rule | str | Path] | None) -> list[Rule]:
+    if mode not in MODES:
+        if mode == "prune":
+            raise PixifyError("prune mode is not available yet", "use --mode squeeze")
+        raise PixifyError(f"unknown mode '{mode}'", f"use one of: {', '.join(MODES)}")
+    extra, files = [], []
+    for r in rules or []:
+        (extra if isinstance(r, Rule) else files).append(r)
+    return active_rules(mode, preset, extra=extra, files=files)
+
+
+def _prepare(model: nn.Module, zeta, tau, preset, mode, rules, example_input):
+    if not isinstance(model, nn.Module):
+        raise PixifyError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    zeta = _check_zeta(zeta)
+    tau = _check_tau(tau)
+    if preset is not None and zeta != "auto":
+        raise PixifyError(f"--preset {preset} fixes ζ at every site", "drop --zeta or the preset")
+    rule_list = _rules_for(mode, preset, rules)
+    if example_input is None:
+        example_input = example_input_for(model)
+    return zeta, tau, rule_list, example_input
+
+
+def _report_base(model, source, mode, zeta, tau, preset, rule_list, analysis: Analysis, example) -> ConversionReport:
+    used = {s.rule for s in analysis.candidates}
+    return ConversionReport(
+        model=(source.spec if source else type(model).__name__), mode=mode, zeta=zeta, tau=tau, preset=preset,
+        near_misses=analysis.near_misses, untraced=analysis.untraced,
+        rules=[r.summary() for r in rule_list if r.name in {u.name for u in used}] or [r.summary() for r in rule_list],
+        input_shape=tuple(example.shape) if isinstance(example, torch.Tensor) else (),
+    )
+
+
+def inspect(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset: str | None = None,
+            mode: str = "squeeze", rules: Iterable[Rule | str | Path] | None = None,
+            example_input: Any = None, source: Source | None = None) -> ConversionReport:
+    """Dry run: every site with its decision and every near-miss, plus MACs/params before and after.
+
+    The model is not modified (the after-numbers are measured on a converted copy).
+    """
+    _, report = convert(model, zeta=zeta, tau=tau, preset=preset, mode=mode, rules=rules,
+                        example_input=example_input, source=source, inplace=False)
+    return report
+
+
+def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset: str | None = None,
+            mode: str = "squeeze", rules: Iterable[Rule | str | Path] | None = None, example_input: Any = None,
+            calibration: Iterable[Any] | None = None, source: Source | None = None,
+            inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
+    """Rewrite ``model``'s squeeze sites into PiX modules.
+
+    Args:
+        model: any ``nn.Module`` (timm and torchvision models keep their class, methods and attributes).
+        zeta: ``"auto"`` (ζ = C_in/C_out at each site) or an integer ≥ 1 applied everywhere it fits.
+        tau: the pick/mix threshold, in (0, 1).
+        preset: ``"paper"`` for the paper's ResNet configuration.
+        mode: ``"squeeze"``.
+        rules: extra :class:`Rule` objects or rules files (TOML) besides the built-in ones.
+        example_input: input used for shape propagation and measurements (default: a random batch of one
+            sized from ``model.pretrained_cfg``, else 3×224×224).
+        calibration: optional iterable of input batches (or ``(input, target)`` pairs): batch-norm
+            statistics are re-estimated on it and the output agreement is measured on it.
+        source: how to rebuild the original (set by :func:`pixify.sources.create_model`); recorded in the
+            recipe so that checkpoints can be loaded without the original object.
+        inplace: modify ``model`` itself instead of a deep copy.
+
+    Returns:
+        ``(converted_model, report)``; the converted model carries its recipe as ``.pixify_recipe``.
+    """
+    t0 = time.perf_counter()
+    zeta, tau, rule_list, example = _prepare(model, zeta, tau, preset, mode, rules, example_input)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        try:
+            ref_out = _call(model, example)
+        except Exception as exc:
+            raise PixifyError(f"the model does not run on the example input "
+                              f"{tuple(getattr(example, 'shape', ()))}: {type(exc).__name__}: {exc}",
+                              "pass example_input= (Python) or --input-size (CLI)") from None
+    macs_before = count_macs(model, example)
+    params_before = count_params(model)
+    analysis = analyse(model, rule_list, example)
+    report = _report_base(model, source, mode, zeta, tau, preset, rule_list, analysis, example)
+    report.sites = plan_sites(analysis.candidates, zeta, tau)
+    report.macs_before, report.params_before = macs_before, params_before
+
+    out = model if inplace else copy.deepcopy(model)
+    apply_sites(out, report.sites)
+    out.eval()
+    with torch.no_grad():
+        try:
+            new_out = _call(out, example)
+        except Exception as exc:  # a rewrite that breaks the model is a pixify bug: say where
+            sites = ", ".join(s.name for s in report.sites if s.action != "skip")
+            raise RuntimeError(f"converted model fails its forward check ({exc}); sites: {sites}") from exc
+    ref_shape, new_shape = tuple(_logits(ref_out).shape), tuple(_logits(new_out).shape)
+    if ref_shape != new_shape:
+        raise RuntimeError(f"converted model output {new_shape} differs from the original's {ref_shape}")
+
+    if calibration is not None:
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
+        if not batches:
+            raise PixifyError("the calibration data is empty")
+        recalibrate_batchnorm(out, batches)
+        out.eval()
+        with torch.no_grad():
+            report.agreement = output_agreement((_call(model, b) for b in batches), (_call(out, b) for b in batches))
+        report.agreement_on = f"{sum(len(b) for b in batches)} calibration images"
+    else:
+        report.agreement = output_agreement([ref_out], [new_out])
+    report.macs_after = count_macs(out, example)
+    report.params_after = count_params(out)
+    model.train(was_training)
+    out.train(was_training)
+    out.pixify_recipe = make_recipe(report, source or custom_source(model))
+    report.seconds = time.perf_counter() - t0
+    return out, report
+
+
+def make_recipe(report: ConversionReport, source: Source) -> dict[str, Any]:
+    return {
+        "source": source.to_json(),
+        "mode": report.mode,
+        "zeta": report.zeta,
+        "tau": report.tau,
+        "preset": report.preset,
+        "rules": report.rules,
+        "sites": [s.to_json() for s in report.sites if s.action != "skip"],
+        "input_shape": list(report.input_shape),
+        "macs_before": report.macs_before,
+        "macs_after": report.macs_after,
+    }
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Re-estimate every batch-norm's running statistics as a cumulative average over ``batches``.
+
+    Returns the number of batch-norm layers reset. The model is left in eval mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = {}
+    for m in bns:
+        saved[m] = m.momentum
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    try:
+        for b in batches:
+            _call(model, b)
+    finally:
+        for m, mom in saved.items():
+            m.momentum = mom
+        model.eval()
+    return len(bns)
+
+
+def convert_named(spec: str, zeta: int | str = "auto", tau: Any = 0.5, preset: str | None = None,
+                  mode: str = "squeeze", rules: Iterable[Rule | str | Path] | None = None, pretrained: bool = True,
+                  weights: str | Path | None = None, kwargs: dict[str, Any] | None = None,
+                  input_size: tuple[int, ...] | None = None) -> tuple[nn.Module, ConversionReport]:
+    """Build the model named by ``spec`` (timm name, ``torchvision:NAME``) and convert it in place.
+
+    Arguments are validated before the model is built, so a bad ζ fails fast.
+    """
+    from .sources import create_model
+
+    if spec.endswith(".safetensors") or Path(spec).is_file():
+        raise PixifyError(f"'{spec}' is a file, not a model name",
+                          "give a timm name or torchvision:NAME; original weights go in with --weights FILE")
+    _check_zeta(zeta)
+    _check_tau(tau)
+    _rules_for(mode, preset, rules)
+    model, source = create_model(spec, pretrained=pretrained and weights is None, weights=weights, kwargs=kwargs)
+    example = example_input_for(model, input_size=input_size) if input_size else None
+    return convert(model, zeta=zeta, tau=tau, preset=preset, mode=mode, rules=rules, example_input=example,
+                   source=source, inplace=True)

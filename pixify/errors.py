@@ -1,0 +1,35 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad argument, a bad file, an unknown model) is raised as a
+:class:`PixifyError`. The CLI prints it as one line and exits with code 2; the Python API lets it
+propagate. Bugs stay ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+
+class PixifyError(Exception):
+    """An error caused by the user's input, with a one-line message and an optional hint."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message.strip().replace("\n", " ")
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class RuleError(PixifyError):
+    """A rules file is malformed: names the file, the line and the reason."""
+
+    def __init__(self, path: str, line: int | None, reason: str):
+        where = f"{path}:{line}" if line else str(path)
+        super().__init__(f"invalid rules file {where}: {reason}")
+        self.path, self.line, self.reason = path, line, reason
+
+
+class CheckpointError(PixifyError):
+    """A checkpoint cannot be read or does not reproduce."""
