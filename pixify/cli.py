@@ -100,7 +100,8 @@ def _summary(report) -> list[str]:
         f" ({len(report.near_misses)} near-misses, {len(report.untraced)} parts not analysed)",
         f"MACs:   {_human(report.macs_before)} → {_human(report.macs_after)}  (×{report.macs_ratio:.3f})"
         f"  at input {tuple(report.input_shape)}",
-        f"params: {_human(report.params_before)} → {_human(report.params_after)}  (×{report.params_ratio:.3f})",
+        f"params: {_human(report.params_before)} → {_human(report.params_after)}  (×{report.params_ratio:.3f})"
+        if report.params_before else f"params: {_human(report.params_after)}",
     ]
     if a:
         lines.append(f"output agreement on {report.agreement_on}: top-1 {a['top1_agreement']:.1%}, "
@@ -130,7 +131,24 @@ def _print_report(report, verbose: bool) -> None:
         con.print(line)
 
 
-_MODEL_HELP = "timm name (resnet50), torchvision:NAME, or hf-hub:ORG/NAME"
+def _checkpoint_report(path: str):
+    """A report rebuilt from a checkpoint's recipe (validates the file by loading it strictly)."""
+    from .checkpoint import load
+    from .conversion import ConversionReport
+    from .metrics import count_params
+    from .rewrite import SiteRecord
+
+    model = load(path)
+    r = model.pixify_recipe
+    return ConversionReport(
+        model=f"{path} ({r['source'].get('library')}:{r['source'].get('name')})", mode=r.get("mode", "?"),
+        zeta=r.get("zeta"), tau=r.get("tau"), preset=r.get("preset"),
+        sites=[SiteRecord.from_json(s) for s in r["sites"]], macs_before=r.get("macs_before", 0),
+        macs_after=r.get("macs_after", 0), params_after=count_params(model), input_shape=tuple(r.get("input_shape", ())),
+    )
+
+
+_MODEL_HELP = "timm name (resnet50), torchvision:NAME, hf-hub:ORG/NAME (inspect also takes a pixify checkpoint)"
 _ZETA_HELP = "sampling factor: 'auto' (ζ = C_in/C_out per site) or an integer >= 1"
 
 
@@ -188,9 +206,19 @@ def inspect(
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the example input"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Dry run: every site, every near-miss with its reason, MACs and params before/after."""
+    """Dry run: every site, every near-miss with its reason, MACs and params before/after.
+
+    Given a pixify checkpoint instead of a model name, shows the sites its recipe rewrote.
+    """
     from .conversion import convert_named
 
+    if Path(model).is_file() or model.endswith(".safetensors"):
+        report = _checkpoint_report(model)
+        if as_json:
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            _print_report(report, verbose=False)
+        return
     _, report = convert_named(model, zeta, tau, preset, mode, rules, pretrained, weights,
                               _parse_kwargs(model_arg), _parse_input_size(input_size))
     if as_json:
