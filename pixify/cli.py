@@ -14,12 +14,16 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .errors import PixifyError
+
+try:  # typer >= 0.20 vendors its own click
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _cx
 
 app = typer.Typer(
     name="pixify",
@@ -245,9 +249,155 @@ def rules_cmd(
         return
     t = Table(title="pixify rules", title_justify="left")
     for col in ("name", "mode", "preset", "pattern", "priority", "description", "source"):
-        t.add_column(col, overflow="fold")
+        t.add_column(col, overflow="fold", no_wrap=col in ("name", "pattern", "source", "mode"), ratio=1 if col == "description" else None)
     for r in found:
         t.add_row(r.name, r.mode, r.preset or "-", " → ".join(r.pattern), str(r.priority), r.description, r.source)
+    _console().print(t)
+
+
+# --------------------------------------------------------------------------------- fine-tuning (issue 3)
+
+def _floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        vals = tuple(float(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise PixifyError(f"{what} must be comma-separated numbers, got '{text}'") from None
+    if not vals:
+        raise PixifyError(f"{what} must be comma-separated numbers, got '{text}'")
+    return vals
+
+
+def _data_config(model, input_size, mean, std, crop_pct, interpolation):
+    from .data import resolve_data_config
+
+    return resolve_data_config(model, _parse_input_size(input_size), mean=_floats(mean, "--mean"),
+                               std=_floats(std, "--std"), crop_pct=crop_pct, interpolation=interpolation)
+
+
+_FT_DEFAULTS = None
+
+
+def _ft_default(name: str) -> Any:
+    global _FT_DEFAULTS
+    if _FT_DEFAULTS is None:
+        from .finetune import FinetuneConfig
+
+        _FT_DEFAULTS = FinetuneConfig()
+    return getattr(_FT_DEFAULTS, name)
+
+
+@app.command(epilog="Example: pixify finetune r50_pix.safetensors --data imagenet/train --val-data imagenet/val "
+                    "--epochs 1 --out r50_ft   (torchrun --nproc-per-node 8 -m pixify.cli finetune ... for DDP)")
+def finetune(
+    checkpoint: Path = typer.Argument(..., help="pixify checkpoint to fine-tune"),
+    data: Path = typer.Option(..., "--data", "-d", help="training images: ImageFolder tree (labelled) or a folder of images (unlabelled)"),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="held-out images, evaluated after every epoch"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: CHECKPOINT-finetune)"),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="original weights (.safetensors/.pth); default: rebuilt from the recipe"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="passes over the data [default: 1]"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="total optimizer steps instead of --epochs"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate [default: see README]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="images per step and process [default: 128]"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd (Nesterov) | adamw"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="weight decay"),
+    warmup: Optional[float] = typer.Option(None, "--warmup", help="fraction of the steps spent warming up"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-T", help="distillation temperature"),
+    kd_weight: Optional[float] = typer.Option(None, "--kd-weight", help="weight of the distillation loss (1 − it for cross-entropy)"),
+    init: Optional[str] = typer.Option(None, "--init", help="lsq: least-squares refit of the layers after PiX | none"),
+    calib_images: Optional[int] = typer.Option(None, "--calib-images", help="images for the refit and the batch-norm re-estimation (0: skip)"),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="timm training augmentation [default: off]"),
+    unlabelled: bool = typer.Option(False, "--unlabelled", help="ignore class folders: distillation alone"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="data-loading processes per training process"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="random seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: the local GPU if any)"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="mixed precision [default: on with CUDA]"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the student"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W [default: the conversion's input]"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="normalisation mean, e.g. 0.485,0.456,0.406 [default: pretrained_cfg]"),
+    std: Optional[str] = typer.Option(None, "--std", help="normalisation std [default: pretrained_cfg]"),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="centre-crop fraction [default: pretrained_cfg]"),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="bilinear | bicubic ..."),
+    check_images: bool = typer.Option(True, "--check-images/--no-check-images", help="decode every image before training"),
+    resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out exactly"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Recover accuracy: distil the original model into the converted one (KD + CE, cosine schedule)."""
+    from .finetune import FinetuneConfig, _load_student, finetune as run_finetune
+
+    FinetuneConfig(**{k: v for k, v in dict(epochs=epochs, steps=steps, lr=lr, batch_size=batch_size).items()
+                      if v is not None}).validate()  # fail fast on --epochs 0 before loading anything
+    student, _, _ = _load_student(checkpoint)
+    dcfg = _data_config(student, input_size, mean, std, crop_pct, interpolation)
+    result = run_finetune(
+        student, data, teacher=teacher, out=out or Path(f"{Path(checkpoint).with_suffix('').name}-finetune"),
+        val_data=val_data, resume=resume, device=device, labelled=False if unlabelled else None, data_config=dcfg,
+        progress=not quiet and not as_json, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
+        optimizer=optimizer, weight_decay=weight_decay, warmup=warmup, temperature=temperature, kd_weight=kd_weight,
+        init=init, calib_images=calib_images, augment=augment, workers=workers, seed=seed, amp=amp,
+        compile=compile_ or None, check_images=check_images)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if as_json:
+        print(json.dumps({"checkpoint": str(result.checkpoint), "out": str(result.out), "epochs": result.epochs,
+                          "steps": result.steps, "seconds": round(result.seconds, 2), "init": result.init,
+                          "history": result.history}, indent=2, default=float))
+        return
+    con = _console()
+    t = Table(title=f"fine-tuned {checkpoint} → {result.checkpoint}", title_justify="left")
+    for col in ("epoch", "step", "loss", "KD", "CE", "val top-1", "val top-5", "agreement", "s"):
+        t.add_column(col, justify="right")
+    f = lambda v, p=4: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for h in result.history:
+        t.add_row(str(h["epoch"]), str(h["step"]), f(h.get("loss")), f(h.get("kd")), f(h.get("ce")),
+                  f(h.get("val_top1"), 2), f(h.get("val_top5"), 2), f(h.get("val_agreement"), 2), f(h.get("seconds"), 1))
+    con.print(t)
+    if result.init:
+        i = result.init
+        con.print(f"initialisation on {i.get('calib_images')} images: agreement with the teacher "
+                  f"{i.get('calib_agreement_converted', float('nan')):.1f}% → {i.get('calib_agreement', float('nan')):.1f}%")
+    con.print(f"wrote {result.checkpoint}, {result.out / 'log.jsonl'}, {result.out / 'curves.png'} "
+              f"in {result.seconds:.1f} s")
+
+
+@app.command(name="eval", epilog="Example: pixify eval r50_ft/checkpoint.safetensors --data imagenet/val")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="pixify checkpoint to evaluate"),
+    data: Path = typer.Option(..., "--data", "-d", help="images: ImageFolder tree (top-1/top-5) or a folder of images (agreement only)"),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="original weights (.safetensors/.pth); default: rebuilt from the recipe"),
+    no_teacher: bool = typer.Option(False, "--no-teacher", help="skip the agreement with the original"),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="images per batch"),
+    workers: int = typer.Option(2, "--workers", "-j", help="data-loading processes"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W [default: the conversion's input]"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="normalisation mean [default: pretrained_cfg]"),
+    std: Optional[str] = typer.Option(None, "--std", help="normalisation std [default: pretrained_cfg]"),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="centre-crop fraction [default: pretrained_cfg]"),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="bilinear | bicubic ..."),
+    check_images: bool = typer.Option(True, "--check-images/--no-check-images", help="decode every image first"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Top-1/top-5 of a checkpoint on a data folder, and its top-1 agreement with the original model."""
+    from .finetune import _load_student, evaluate
+
+    if batch_size < 1:
+        raise PixifyError(f"--batch-size must be >= 1, got {batch_size}")
+    student, _, _ = _load_student(checkpoint)
+    dcfg = _data_config(student, input_size, mean, std, crop_pct, interpolation)
+    res = evaluate(student, data, teacher=False if no_teacher else teacher, batch_size=batch_size, workers=workers,
+                   device=device, data_config=dcfg, check_images=check_images, progress=not as_json)
+    if as_json:
+        print(json.dumps(dict(res, checkpoint=str(checkpoint), data=str(data)), indent=2))
+        return
+    t = Table(title=f"{checkpoint} on {data} ({res['images']} images)", title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key, label in (("top1", "top-1 %"), ("top5", "top-5 %"), ("agreement", "top-1 agreement with the original %"),
+                       ("teacher_top1", "original's top-1 %")):
+        if key in res:
+            t.add_row(label, f"{res[key]:.2f}")
     _console().print(t)
 
 
@@ -265,18 +415,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
-    except click.exceptions.NoArgsIsHelp:
-        return 0
-    except click.exceptions.UsageError as exc:
+    except _cx.UsageError as exc:
+        if type(exc).__name__.startswith("NoArgsIsHelp"):  # `pixify` alone prints its help
+            print(exc.format_message() if hasattr(exc, "format_message") else str(exc))
+            return 0
         if debug:
             raise
         cmd = exc.ctx.command_path if exc.ctx else "pixify"
         print(f"error: {exc.format_message()} (see '{cmd} --help')", file=sys.stderr)
         return 2
-    except click.exceptions.Abort:
+    except _cx.Abort:
         print("aborted", file=sys.stderr)
         return 130
-    except click.exceptions.Exit as exc:
+    except _cx.Exit as exc:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -26,7 +26,7 @@ from .sources import Source, custom_source
 
 __all__ = ["ConversionReport", "convert", "convert_named", "inspect", "recalibrate_batchnorm"]
 
-MODES = ("squeeze",)  # prune mode: SPEC §3.2, not implemented yet
+MODES = ("squeeze", "prune")  # SPEC §3.2
 
 
 @dataclass
@@ -65,7 +65,7 @@ class ConversionReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "model": self.model, "mode": self.mode, "zeta": self.zeta, "tau": self.tau, "preset": self.preset,
-            "counts": {a: self.count(a) for a in ("pure", "hybrid", "skip")},
+            "counts": {a: self.count(a) for a in ("pure", "hybrid", "prune", "skip")},
             "sites": [s.to_json() for s in self.sites],
             "near_misses": [vars(n) for n in self.near_misses],
             "untraced": [vars(u) for u in self.untraced],
@@ -96,9 +96,9 @@ def _check_zeta(zeta: Any) -> int | str:
 
 def _rules_for(mode: str, preset: str | None, rules: Iterable[Rule | str | Path] | None) -> list[Rule]:
     if mode not in MODES:
-        if mode == "prune":
-            raise PixifyError("prune mode is not available yet", "use --mode squeeze")
         raise PixifyError(f"unknown mode '{mode}'", f"use one of: {', '.join(MODES)}")
+    if preset is not None and mode != "squeeze":
+        raise PixifyError(f"--preset {preset} is a squeeze-mode configuration", "drop --preset or use --mode squeeze")
     extra, files = [], []
     for r in rules or []:
         (extra if isinstance(r, Rule) else files).append(r)
@@ -148,10 +148,12 @@ def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
 
     Args:
         model: any ``nn.Module`` (timm and torchvision models keep their class, methods and attributes).
-        zeta: ``"auto"`` (ζ = C_in/C_out at each site) or an integer ≥ 1 applied everywhere it fits.
+        zeta: ``"auto"`` or an integer ≥ 1 applied everywhere it fits. In squeeze mode ``"auto"`` means
+            ζ = C_in/C_out at each site; in prune mode the rule's ``auto_zeta`` (2 for the built-ins).
         tau: the pick/mix threshold, in (0, 1).
         preset: ``"paper"`` for the paper's ResNet configuration.
-        mode: ``"squeeze"``.
+        mode: ``"squeeze"`` (replace channel-squeezing layers) or ``"prune"`` (insert PiX in front of
+            dense layers fed by an activation and shrink them to ``ceil(C_in/ζ)`` inputs).
         rules: extra :class:`Rule` objects or rules files (TOML) besides the built-in ones.
         example_input: input used for shape propagation and measurements (default: a random batch of one
             sized from ``model.pretrained_cfg``, else 3×224×224).
@@ -266,6 +268,8 @@ def convert_named(spec: str, zeta: int | str = "auto", tau: Any = 0.5, preset: s
     if spec.endswith(".safetensors") or Path(spec).is_file():
         raise PixifyError(f"'{spec}' is a file, not a model name",
                           "give a timm name or torchvision:NAME; original weights go in with --weights FILE")
+    if preset is not None and _check_zeta(zeta) != "auto":
+        raise PixifyError(f"--preset {preset} fixes ζ at every site", "drop --zeta or the preset")
     _check_zeta(zeta)
     _check_tau(tau)
     _rules_for(mode, preset, rules)

@@ -1,0 +1,153 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import pixify
+from pixify.checkpoint import FORMAT_VERSION
+from pixify.errors import CheckpointError, PixifyError
+
+from conftest import randomize_pix
+
+
+def _round_trip(tmp_path, spec, zeta, size=64):
+    model, src = pixify.create_model(spec, pretrained=False)
+    conv, rep = pixify.convert(model, zeta=zeta, source=src, example_input=torch.randn(1, 3, size, size),
+                               inplace=True)
+    randomize_pix(conv)
+    conv.eval()
+    path = tmp_path / "m.safetensors"
+    pixify.save(conv, path)
+    loaded = pixify.load(path)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(conv(x), loaded(x))
+    assert type(loaded) is type(conv)
+    return loaded, rep
+
+
+@pytest.mark.parametrize("spec,zeta", [("resnet26", 2), ("efficientnet_b0", "auto"),
+                                       ("torchvision:mobilenet_v3_small", "auto")])
+def test_round_trip_is_bit_identical(tmp_path, spec, zeta):
+    loaded, rep = _round_trip(tmp_path, spec, zeta)
+    recipe = loaded.pixify_recipe
+    assert recipe["format_version"] == FORMAT_VERSION and recipe["pixify_version"] == pixify.__version__
+    assert recipe["zeta"] == zeta and recipe["tau"] == 0.5
+    assert [s["name"] for s in recipe["sites"]] == [s.name for s in rep.sites if s.action != "skip"]
+    assert recipe["source"]["library"] == ("torchvision" if spec.startswith("torchvision") else "timm")
+    assert recipe["rules"] and all(len(r["sha256"]) == 16 for r in recipe["rules"])
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.squeeze = nn.Conv2d(16, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.bn(self.squeeze(self.stem(x).relu())).mean((2, 3)))
+
+
+def test_custom_module_round_trip_needs_the_fresh_model(tmp_path):
+    conv, _ = pixify.convert(Tiny(), example_input=torch.randn(1, 3, 8, 8))
+    randomize_pix(conv).eval()
+    path = tmp_path / "tiny.safetensors"
+    pixify.save(conv, path)
+    with pytest.raises(PixifyError, match="user module"):
+        pixify.load(path)
+    loaded = pixify.load(path, model=Tiny())
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(conv(x), loaded(x))
+
+
+def test_weights_file_is_recorded_with_its_sha256(tmp_path):
+    model, _ = pixify.create_model("resnet26", pretrained=False, seed=3)
+    wpath = tmp_path / "orig.pth"
+    torch.save(model.state_dict(), wpath)
+    again, src = pixify.create_model("resnet26", weights=wpath)
+    assert src.weights == f"file:{wpath.resolve()}" and len(src.sha256) == 64
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    # a pickled object (not a plain state dict) is refused, nothing is unpickled
+    bad = tmp_path / "obj.pth"
+    torch.save({"model": model}, bad)
+    with pytest.raises(PixifyError, match="state dict"):
+        pixify.create_model("resnet26", weights=bad)
+
+
+def _saved(tmp_path):
+    conv, _ = pixify.convert(Tiny(), example_input=torch.randn(1, 3, 8, 8))
+    path = tmp_path / "ok.safetensors"
+    pixify.save(conv, path)
+    return path
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    for cut in (10, len(data) // 2, len(data) - 3):
+        t = tmp_path / f"cut{cut}.safetensors"
+        t.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="not a readable safetensors"):
+            pixify.load(t, model=Tiny())
+
+
+def test_foreign_files(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(CheckpointError, match="not a pixify checkpoint"):
+        pixify.load(plain)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(os.urandom(300))
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        pixify.load(junk)
+    with pytest.raises(CheckpointError, match="not found"):
+        pixify.load(tmp_path / "missing.safetensors")
+
+
+def _rewrite_recipe(path, change):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    recipe = json.loads(meta["pixify"])
+    change(recipe)
+    save_file(load_file(str(path)), str(path), metadata={"format": "pt", "pixify": json.dumps(recipe)})
+
+
+def test_future_format_version_is_refused(tmp_path):
+    path = _saved(tmp_path)
+    _rewrite_recipe(path, lambda r: r.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(CheckpointError, match="upgrade pixify"):
+        pixify.load(path, model=Tiny())
+
+
+def test_recipe_that_no_longer_reproduces_the_weights(tmp_path):
+    path = _saved(tmp_path)
+
+    def change(r):
+        r["sites"][0]["c_in"] = 32
+
+    _rewrite_recipe(path, change)
+    with pytest.raises(CheckpointError, match="recipe does not apply"):
+        pixify.load(path, model=Tiny())
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    conv, _ = pixify.convert(Tiny(), example_input=torch.randn(1, 3, 8, 8))
+    with pytest.raises(PixifyError, match="does not exist"):
+        pixify.save(conv, tmp_path / "nope" / "m.safetensors")
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_model", boom)
+    with pytest.raises(OSError):
+        pixify.save(conv, tmp_path / "m.safetensors")
+    assert list(tmp_path.iterdir()) == []
