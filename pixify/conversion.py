@@ -172,12 +172,11 @@ def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
     model.eval()
     with torch.no_grad():
         try:
-            ref_out = _call(model, example)
+            macs_before, ref_out = count_macs(model, example, return_output=True)
         except Exception as exc:
             raise PixifyError(f"the model does not run on the example input "
                               f"{tuple(getattr(example, 'shape', ()))}: {type(exc).__name__}: {exc}",
                               "pass example_input= (Python) or --input-size (CLI)") from None
-    macs_before = count_macs(model, example)
     params_before = count_params(model)
     analysis = analyse(model, rule_list, example)
     report = _report_base(model, source, mode, zeta, tau, preset, rule_list, analysis, example)
@@ -189,7 +188,7 @@ def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
     out.eval()
     with torch.no_grad():
         try:
-            new_out = _call(out, example)
+            macs_after, new_out = count_macs(out, example, return_output=True)
         except Exception as exc:  # a rewrite that breaks the model is a pixify bug: say where
             sites = ", ".join(s.name for s in report.sites if s.action != "skip")
             raise RuntimeError(f"converted model fails its forward check ({exc}); sites: {sites}") from exc
@@ -208,7 +207,7 @@ def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
         report.agreement_on = f"{sum(len(b) for b in batches)} calibration images"
     else:
         report.agreement = output_agreement([ref_out], [new_out])
-    report.macs_after = count_macs(out, example)
+    report.macs_after = macs_after
     report.params_after = count_params(out)
     model.train(was_training)
     out.train(was_training)

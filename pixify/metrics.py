@@ -13,20 +13,22 @@ from .ops import pix_flop_formulas
 __all__ = ["count_macs", "count_params", "output_agreement"]
 
 
-def count_macs(model: nn.Module, example_input: Any) -> int:
-    """Multiply-accumulates of one forward pass on ``example_input`` (FLOPs / 2).
+def count_macs(model: nn.Module, example_input: Any, return_output: bool = False) -> int | tuple[int, Any]:
+    """Multiply-accumulates of one forward pass on ``example_input`` (FLOPs / 2), in eval mode.
 
     Convolutions and matmuls are counted by torch's own formulas; PiX by its registered formula (one
     compare-or-add per input element). Elementwise ops and norms count zero, as usual for MACs tables.
+    With ``return_output`` also returns the model's output of that same pass.
     """
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=pix_flop_formulas()) as counter:
-            _call(model, example_input)
+            out = _call(model, example_input)
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops()) // 2
+    macs = int(counter.get_total_flops()) // 2
+    return (macs, out) if return_output else macs
 
 
 def count_params(model: nn.Module) -> int:
