@@ -257,6 +257,134 @@ def rules_cmd(
 
 # --------------------------------------------------------------------------------- fine-tuning (issue 3)
 
+@app.command(epilog="Example: pixify bench resnet50 --zeta auto --batch-size 1,8 --threads 2 --json")
+def bench(
+    model: Optional[str] = typer.Argument(None, help=_MODEL_HELP + "; omit with --op"),
+    zeta: str = typer.Option("auto", "--zeta", "-z", help=_ZETA_HELP),
+    batch_size: str = typer.Option("1,8", "--batch-size", "-b", help="comma-separated batch sizes"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)"),
+    compile: bool = typer.Option(False, "--compile", help="time torch.compile'd models"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16"),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels-last inputs and weights"),
+    train: bool = typer.Option(True, "--train/--no-train", help="also time a training step (fwd+bwd)"),
+    rounds: int = typer.Option(15, "--rounds", help="timed rounds per measurement (median)"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W (default: the model's)"),
+    op: bool = typer.Option(False, "--op", help="op-level: PiX vs one pass over its input vs the 1x1 conv"),
+    as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
+) -> None:
+    """Time the converted model against the original in one process (ratios; SPEC §7)."""
+    import torch
+
+    from .bench import BenchReport, bench_models, bench_op
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise PixifyError(f"--dtype must be one of {', '.join(dtypes)}, got '{dtype}'")
+    if device not in ("cpu", "cuda"):
+        raise PixifyError(f"--device must be cpu or cuda, got '{device}'")
+    if threads is not None:
+        if threads < 1:
+            raise PixifyError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if rounds < 1:
+        raise PixifyError(f"--rounds must be >= 1, got {rounds}")
+    try:
+        sizes = tuple(int(b) for b in batch_size.split(",") if b.strip())
+    except ValueError:
+        raise PixifyError(f"--batch-size must look like 1,8, got '{batch_size}'") from None
+    if not sizes or min(sizes) < 1:
+        raise PixifyError(f"--batch-size must be positive integers, got '{batch_size}'")
+    con = _console()
+    if op:
+        z = 4 if zeta == "auto" else int(_check_zeta_cli(zeta))
+        results = [bench_op(zeta=z, batch_size=b, device=device, dtype=dtypes[dtype], rounds=rounds,
+                            channels_last=channels_last) for b in sizes]
+        if as_json:
+            print(json.dumps(results, indent=2))
+            return
+        t = Table(title=f"PiX op, 256×56×56, ζ={z}, {dtype}, {device}, {torch.get_num_threads()} threads",
+                  title_justify="left")
+        for col in ("batch", "one pass ms", "fusion ms", "fusion/one pass", "naive ms", "conv1x1 ms", "pix ms"):
+            t.add_column(col, justify="right")
+        for b, r in zip(sizes, results):
+            t.add_row(str(b), f"{r['one_pass_ms']:.2f}", f"{r['fusion_ms']:.2f}", f"{r['fusion_vs_one_pass']:.2f}",
+                      f"{r['naive_ms']:.2f}", f"{r['conv1x1_ms']:.2f}", f"{r['pix_ms']:.2f}")
+        con.print(t)
+        return
+    if model is None:
+        raise PixifyError("bench needs a MODEL (or --op for the op-level benchmark)")
+    original, converted, report_macs, report_params, label = _bench_models(model, zeta, _parse_input_size(input_size))
+    size = _parse_input_size(input_size) or tuple(converted.pixify_recipe.get("input_shape", [1, 3, 224, 224])[1:])
+    timings = bench_models(original, converted, size, sizes, device, dtypes[dtype], compile, train, rounds,
+                           channels_last=channels_last,
+                           progress=None if as_json else (lambda m: con.print(f"[dim]timing {m}...[/dim]")))
+    rep = BenchReport(label, zeta, device, torch.get_num_threads(), compile, report_macs, report_params, timings)
+    if as_json:
+        print(json.dumps(rep.to_json(), indent=2))
+        return
+    t = Table(title=f"{label}: converted vs original, {device} {dtype}, {rep.threads} threads"
+              + (", torch.compile" if compile else ""), title_justify="left")
+    for col in ("measure", "batch", "original ms", "converted ms", "ratio"):
+        t.add_column(col, justify="right" if col != "measure" else "left")
+    for tm in timings:
+        t.add_row(tm.what, str(tm.batch_size), f"{tm.original_ms:.2f}", f"{tm.converted_ms:.2f}", f"{tm.ratio:.3f}")
+    con.print(t)
+    con.print(f"MACs {_human(report_macs['original'])} → {_human(report_macs['converted'])} "
+              f"(×{report_macs['converted'] / report_macs['original']:.3f}); params {_human(report_params['original'])} "
+              f"→ {_human(report_params['converted'])}")
+
+
+def _check_zeta_cli(zeta: str):
+    from .rewrite import parse_zeta
+
+    try:
+        return parse_zeta(zeta)
+    except ValueError as exc:
+        raise PixifyError(str(exc)) from None
+
+
+def _bench_models(model: str, zeta: str, input_size):
+    """(original, converted, macs, params, label) for a model name or a pixify checkpoint.
+
+    φ is drawn at random (std 1) so that about half the groups pick and half mix, as after training;
+    with the zero initialisation every group would take the mix branch.
+    """
+    import copy
+
+    import torch
+
+    from .checkpoint import load
+    from .conversion import convert
+    from .graph import example_input_for
+    from .metrics import count_macs, count_params
+    from .ops import PiX
+    from .sources import Source, create_model, rebuild
+
+    if Path(model).is_file() or model.endswith(".safetensors"):
+        converted = load(model)
+        source = Source.from_json(converted.pixify_recipe["source"])
+        torch.manual_seed(source.seed or 0)
+        original = rebuild(source)
+        label = f"{model} ({source.spec})"
+    else:
+        _check_zeta_cli(zeta)
+        original, source = create_model(model, pretrained=False)
+        example = example_input_for(original, input_size=input_size) if input_size else None
+        converted, _ = convert(copy.deepcopy(original), zeta=zeta, source=source, example_input=example,
+                               inplace=True)
+        label = source.spec
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in converted.modules():
+                if isinstance(m, PiX):
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+    ex = example_input_for(original, input_size=input_size)
+    macs = {"original": count_macs(original, ex), "converted": count_macs(converted, ex)}
+    params = {"original": count_params(original), "converted": count_params(converted)}
+    return original.eval(), converted.eval(), macs, params, label
+
+
 def _floats(text: Optional[str], what: str) -> Optional[tuple[float, ...]]:
     if text is None:
         return None
@@ -321,6 +449,7 @@ def finetune(
     interpolation: Optional[str] = typer.Option(None, "--interpolation", help="bilinear | bicubic ..."),
     check_images: bool = typer.Option(True, "--check-images/--no-check-images", help="decode every image before training"),
     resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out exactly"),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="steps between lines of log.jsonl [default: 20]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
@@ -337,7 +466,7 @@ def finetune(
         progress=not quiet and not as_json, epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
         optimizer=optimizer, weight_decay=weight_decay, warmup=warmup, temperature=temperature, kd_weight=kd_weight,
         init=init, calib_images=calib_images, augment=augment, workers=workers, seed=seed, amp=amp,
-        compile=compile_ or None, check_images=check_images)
+        compile=compile_ or None, check_images=check_images, log_every=log_every)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:

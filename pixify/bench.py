@@ -1,0 +1,196 @@
+"""Benchmarks (SPEC §7): converted vs original in one process, as ratios.
+
+Timed runs of the two models alternate round by round (after a warm-up), so that drift in the machine's
+load hits both alike; each latency is the median over rounds and the ratio is the median of the per-round
+ratios. Speed claims live here and in ``examples/``, never as timed assertions in tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PixifyError
+
+__all__ = ["Timing", "bench_models", "bench_op", "time_pair"]
+
+
+@dataclass
+class Timing:
+    what: str
+    batch_size: int
+    original_ms: float
+    converted_ms: float
+    ratio: float  # median of per-round converted/original
+    rounds: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_pair(fa: Callable[[], Any], fb: Callable[[], Any], device: torch.device, rounds: int = 15,
+              warmup: int = 3, min_time: float = 0.0) -> tuple[float, float, float, int]:
+    """Alternate ``fa`` and ``fb``; returns (median a ms, median b ms, median of b/a, rounds)."""
+    for _ in range(warmup):
+        fa(), fb()
+    _sync(device)
+    ta, tb, ratios = [], [], []
+    start = time.perf_counter()
+    r = 0
+    while r < rounds or (time.perf_counter() - start) < min_time:
+        order = (fa, fb) if r % 2 == 0 else (fb, fa)  # alternate which goes first, too
+        times = {}
+        for f in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            times[f] = time.perf_counter() - t0
+        ta.append(times[fa])
+        tb.append(times[fb])
+        ratios.append(times[fb] / times[fa])
+        r += 1
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3, statistics.median(ratios), r
+
+
+def _prep(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:
+    model = model.to(device=device, dtype=dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def bench_models(original: nn.Module, converted: nn.Module, input_size: tuple[int, ...],
+                 batch_sizes: tuple[int, ...] = (1, 8), device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 compile: bool = False, train: bool = True, rounds: int = 15, warmup: int = 3,
+                 channels_last: bool = False, progress: Callable[[str], None] | None = None) -> list[Timing]:
+    """Latency of ``converted`` vs ``original``: inference per batch size, and a training step."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PixifyError("--device cuda asked for, but torch sees no CUDA device", "use --device cpu")
+    orig = _prep(copy.deepcopy(original), dev, dtype, channels_last).eval()
+    conv = _prep(copy.deepcopy(converted), dev, dtype, channels_last).eval()
+    run_o, run_c = orig, conv
+    if compile:
+        run_o, run_c = torch.compile(orig), torch.compile(conv)
+    autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 and dev.type == "cuda"
+                else nullcontext())
+    results: list[Timing] = []
+    g = torch.Generator().manual_seed(0)
+    for bs in batch_sizes:
+        x = torch.randn((bs, *input_size), generator=g).to(device=dev, dtype=dtype)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if progress:
+            progress(f"inference, batch {bs}")
+
+        def fo(x=x):
+            with torch.inference_mode(), autocast:
+                return run_o(x)
+
+        def fc(x=x):
+            with torch.inference_mode(), autocast:
+                return run_c(x)
+
+        a, b, ratio, n = time_pair(fo, fc, dev, rounds, warmup)
+        results.append(Timing("inference" + (" (compiled)" if compile else ""), bs, a, b, ratio, n))
+    if train:
+        bs = max(batch_sizes)
+        x = torch.randn((bs, *input_size), generator=g).to(device=dev, dtype=dtype)
+        orig.train(), conv.train()
+        if progress:
+            progress(f"training step, batch {bs}")
+
+        def step(m):
+            def f():
+                for p in m.parameters():
+                    p.grad = None
+                with autocast:
+                    out = m(x)
+                out.float().mean().backward()
+            return f
+
+        a, b, ratio, n = time_pair(step(run_o), step(run_c), dev, max(5, rounds // 2), max(1, warmup - 1))
+        results.append(Timing("train step (fwd+bwd)" + (" (compiled)" if compile else ""), bs, a, b, ratio, n))
+    return results
+
+
+def bench_op(channels: int = 256, size: int = 56, zeta: int = 4, batch_size: int = 8, device: str = "cpu",
+             dtype: torch.dtype = torch.float32, rounds: int = 20, warmup: int = 3,
+             channels_last: bool = False) -> dict[str, Any]:
+    """The PiX op against a single pass over its input and against the 1×1 conv it replaces.
+
+    ``fusion``: the pick-or-mix step alone, given p (pooling and φ excluded); ``one_pass``: a grouped sum
+    of the same tensor; ``naive``: amax + mean + broadcast where; ``conv1x1``: the C → C/ζ convolution;
+    ``pix``: the whole op (pooling, φ, sigmoid, pick-or-mix).
+    """
+    from .ops import PiX, pick_or_mix, pix_groups
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, channels, size, size, generator=g).to(device=dev, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    G = pix_groups(channels, zeta)
+    p = torch.rand(batch_size, G, generator=g).to(device=dev, dtype=dtype)
+    pad = G * zeta - channels
+    w = torch.randn(G, channels, 1, 1, generator=g).to(device=dev, dtype=dtype)
+    pixm = PiX(channels, zeta).to(device=dev, dtype=dtype)
+    with torch.no_grad():
+        pixm.weight.normal_()
+
+    def one_pass():
+        xx = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+        return xx.unflatten(1, (G, zeta)).sum(2)
+
+    def naive():
+        xx = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+        v = xx.unflatten(1, (G, zeta))
+        pp = p[:, :, None, None]
+        return torch.where(pp < 0.5, v.amax(2), v.mean(2)) * pp
+
+    cases = {
+        "fusion": lambda: pick_or_mix(x, p, zeta),
+        "naive": naive,
+        "conv1x1": lambda: F.conv2d(x, w),
+        "pix": lambda: pixm(x),
+    }
+    out: dict[str, Any] = {"shape": [batch_size, channels, size, size], "zeta": zeta, "dtype": str(dtype),
+                           "device": device, "channels_last": channels_last, "threads": torch.get_num_threads()}
+    with torch.inference_mode():
+        for name, f in cases.items():
+            a, b, ratio, n = time_pair(one_pass, f, dev, rounds, warmup)
+            out[f"{name}_ms"] = b
+            out[f"{name}_vs_one_pass"] = ratio
+            out["one_pass_ms"] = a if "one_pass_ms" not in out else min(out["one_pass_ms"], a)
+    return out
+
+
+@dataclass
+class BenchReport:
+    model: str
+    zeta: Any
+    device: str
+    threads: int
+    compile: bool
+    macs: dict[str, int] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    timings: list[Timing] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timings"] = [t.to_json() for t in self.timings]
+        return d
