@@ -164,7 +164,8 @@ def convert(
     zeta: str = typer.Option("auto", "--zeta", "-z", help=_ZETA_HELP),
     tau: str = typer.Option("0.5", "--tau", help="pick/mix threshold in (0, 1)"),
     preset: Optional[str] = typer.Option(None, "--preset", help="'paper': the paper's ResNet configuration"),
-    mode: str = typer.Option("squeeze", "--mode", help="squeeze"),
+    mode: str = typer.Option("squeeze", "--mode", help="squeeze (replace channel-squeezing layers) or prune (PiX "
+                             "in front of dense layers fed by an activation; there --zeta auto means 2)"),
     rules: list[Path] = typer.Option([], "--rules", help="extra rules file (TOML); repeatable"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="checkpoint path (default: MODEL_pix.safetensors)"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from the published weights"),
@@ -201,7 +202,8 @@ def inspect(
     zeta: str = typer.Option("auto", "--zeta", "-z", help=_ZETA_HELP),
     tau: str = typer.Option("0.5", "--tau", help="pick/mix threshold in (0, 1)"),
     preset: Optional[str] = typer.Option(None, "--preset", help="'paper': the paper's ResNet configuration"),
-    mode: str = typer.Option("squeeze", "--mode", help="squeeze"),
+    mode: str = typer.Option("squeeze", "--mode", help="squeeze (replace channel-squeezing layers) or prune (PiX "
+                             "in front of dense layers fed by an activation; there --zeta auto means 2)"),
     rules: list[Path] = typer.Option([], "--rules", help="extra rules file (TOML); repeatable"),
     pretrained: bool = typer.Option(False, "--pretrained/--no-pretrained",
                                     help="inspect with the published weights (not needed for a dry run)"),
@@ -229,6 +231,10 @@ def inspect(
         print(json.dumps(report.to_json(), indent=2))
         return
     _print_report(report, verbose=True)
+    if report.mode == "prune":
+        saved = sum(s.macs_before - s.macs_after for s in report.sites if s.action == "prune")
+        _console().print(f"prune points: {report.count('prune')}, MACs saved at them: {_human(saved)}"
+                         f" ({saved / report.macs_before:.1%} of the model)" if report.macs_before else "")
 
 
 @app.command(name="rules", epilog="Example: pixify rules --rules my_rules.toml")

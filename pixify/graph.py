@@ -4,16 +4,26 @@ The model is traced with torch.fx (timm's no-trace registries and torchvision's 
 are propagated on an example input, and the rules are matched against the graph. The graph is only for
 analysis: rewriting (``rewrite.py``) swaps modules by qualified name in the original module tree.
 
-Where the whole model does not trace, its children are traced separately (recursively), each with an
-example input of the shape it saw in one forward pass of the whole model; every part that could not be
-analysed is reported with the tracer's reason.
+Two kinds of parts are analysed on their own graphs:
+
+- *leaf modules that hold layers* (timm's no-trace modules such as ``ConvMlp`` or ``MobileVitBlock``) are
+  traced separately with an example input of the shape their node had, so the layers inside them are
+  matched too;
+- where a module does not trace at all (data-dependent control flow, unsupported Python), its children
+  are traced separately (recursively), each with the input it received in one forward pass of the whole
+  model. Every part that could not be analysed is reported with the tracer's reason.
+
+Prune points (SPEC §3.2) need to know where a layer's input comes from: :func:`_from_act` walks back
+from the layer through ops that keep the channels (dropout, identity, pooling, padding, channel gates,
+concatenations) and answers whether an activation produced it.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .rules import Rule
 
-__all__ = ["Candidate", "NearMiss", "Untraced", "Analysis", "analyse", "example_input_for"]
+__all__ = ["Candidate", "NearMiss", "Untraced", "Analysis", "analyse", "example_input_for", "trace"]
 
 NORM_TYPES: tuple[type, ...] = (
     nn.modules.batchnorm._BatchNorm,
@@ -32,27 +42,49 @@ NORM_TYPES: tuple[type, ...] = (
 )
 ACT_TYPES: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh,
 )
 ACT_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, torch.relu, torch.sigmoid, torch.tanh, F.softplus,
+    F.hardsigmoid, torch.relu, torch.sigmoid, torch.tanh, F.softplus, F.hardtanh, F.prelu,
 }
-ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh"}
+ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "sigmoid_", "tanh_"}
+
+# Modules and functions that keep the channels of their input in place: a layer fed through them is fed
+# by whatever fed them (used to decide whether a layer's input comes from an activation).
+PASS_TYPES: tuple[type, ...] = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d,
+    nn.ReflectionPad2d, nn.ReplicationPad2d,
+)
+PASS_FUNCTIONS = {
+    F.dropout, F.dropout1d, F.dropout2d, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d, F.pad, torch.clone,
+}
+PASS_METHODS = {"contiguous", "clone"}
 
 
-def _timm_act_types() -> tuple[type, ...]:
+def _timm_types(names: Iterable[str], module: str) -> tuple[type, ...]:
     try:
-        from timm.layers import activations as ta
+        import importlib
 
-        names = ("Swish", "Mish", "HardSwish", "HardSigmoid", "GELU", "GELUTanh", "QuickGELU", "Sigmoid", "Tanh",
-                 "PReLU", "HardMish")
-        return tuple(getattr(ta, n) for n in names if isinstance(getattr(ta, n, None), type))
+        mod = importlib.import_module(module)
     except Exception:  # pragma: no cover - timm is a dependency, but the engine does not need it
         return ()
+    return tuple(getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type))
 
 
-ACT_TYPES = ACT_TYPES + _timm_act_types()
+ACT_TYPES = ACT_TYPES + _timm_types(
+    ("Swish", "Mish", "HardSwish", "HardSigmoid", "GELU", "GELUTanh", "QuickGELU", "Sigmoid", "Tanh", "PReLU",
+     "HardMish"), "timm.layers.activations") + _timm_types(
+    ("SwishMe", "MishMe", "HardSwishMe", "HardSigmoidMe", "HardMishMe"), "timm.layers.activations_me")
+PASS_TYPES = PASS_TYPES + _timm_types(("DropPath",), "timm.layers.drop") + _timm_types(
+    ("MaxPool2dSame", "AvgPool2dSame"), "timm.layers.pool2d_same") + _timm_types(
+    ("BlurPool2d",), "timm.layers.blur_pool") + _timm_types(("StochasticDepth",), "torchvision.ops")
+
+# torchvision.ops lists these as leaves for feature extraction, but they are plain containers that trace
+# fine; treating them as leaves would hide the layers inside them (e.g. every EfficientNet convolution).
+_TRACEABLE_TORCHVISION = ("Conv2dNormActivation", "Conv3dNormActivation", "MLP", "SqueezeExcitation")
 
 
 @dataclass
@@ -71,10 +103,19 @@ class Candidate:
     act: str | None = None  # qualified name of the absorbed activation module
     act_desc: str | None = None  # description when the activation is a function (cannot be removed)
     act_removable: bool = False
+    kernel_area: int = 1  # kh*kw of a conv anchor (1 for linear)
+    out_spatial: int | None = None  # H*W of the output (conv) or number of tokens; None = same as spatial
+    groups: int = 1
 
     @property
     def ratio(self) -> float:
         return self.c_in / self.c_out
+
+    @property
+    def macs(self) -> int:
+        """MACs of the anchor layer on the example input (batch 1)."""
+        out_spatial = self.spatial if self.out_spatial is None else self.out_spatial
+        return (self.c_in // max(1, self.groups)) * self.c_out * self.kernel_area * out_spatial
 
     @property
     def pattern(self) -> str:
@@ -122,7 +163,7 @@ def _leaf_types() -> tuple[type, ...]:
     try:
         from torchvision.models.feature_extraction import _get_leaf_modules_for_ops
 
-        types.extend(_get_leaf_modules_for_ops())
+        types.extend(t for t in _get_leaf_modules_for_ops() if t.__name__ not in _TRACEABLE_TORCHVISION)
     except Exception:  # pragma: no cover
         pass
     from .ops import PiX
@@ -149,11 +190,17 @@ def _autowrap() -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return tuple(modules), tuple(functions)
 
 
+_LEAVES: tuple[type, ...] | None = None
+
+
 class _Tracer(fx.Tracer):
     def __init__(self) -> None:
+        global _LEAVES
         modules, functions = _autowrap()
         super().__init__(autowrap_modules=modules, autowrap_functions=functions)
-        self._leaves = _leaf_types()
+        if _LEAVES is None:
+            _LEAVES = _leaf_types()
+        self._leaves = _LEAVES
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaves):
@@ -165,6 +212,17 @@ def trace(module: nn.Module) -> fx.GraphModule:
     """Symbolically trace ``module`` with pixify's leaf and autowrap settings (raises on failure)."""
     graph = _Tracer().trace(module)
     return fx.GraphModule(module, graph, module.__class__.__name__)
+
+
+class _Holder(nn.Module):
+    """Wraps a lone layer so that it appears as a ``call_module`` node (named ``m``) in a graph."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: Any) -> Any:
+        return self.m(x)
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -190,20 +248,14 @@ def example_input_for(model: nn.Module, batch_size: int = 1, input_size: tuple[i
 
 # ------------------------------------------------------------------------------------------------ matching
 
-def _classifier_names(model: nn.Module) -> set[str]:
+def _cfg_names(model: nn.Module, key: str) -> set[str]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = cfg.get("classifier")
+    names = cfg.get(key)
     if isinstance(names, str):
         names = [names]
-    return set(names or [])
-
-
-def _stem_names(model: nn.Module) -> set[str]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = cfg.get("first_conv")
-    if isinstance(names, str):
-        names = [names]
-    return set(names or [])
+    if not isinstance(names, (list, tuple)):
+        return set()
+    return {n for n in names if isinstance(n, str) and n}
 
 
 def _under(name: str, prefixes: Iterable[str]) -> bool:
@@ -216,12 +268,37 @@ def _tensor_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape) if shape is not None else None
 
 
+def _tensor_meta(node: Any) -> Any:
+    return getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, fx.Node) else None
+
+
 def _anchor_kind(m: nn.Module) -> str | None:
     if isinstance(m, nn.Conv2d):
         return "conv2d"
     if isinstance(m, nn.Linear):
         return "linear"
     return None
+
+
+def _in_out(m: nn.Module) -> tuple[int | None, int | None]:
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels, m.out_channels
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    return None, None
+
+
+def _holds_anchor(m: nn.Module) -> bool:
+    return any(_anchor_kind(sub) for sub in m.modules())
+
+
+def _norm_ends_with_act(m: nn.Module) -> bool:
+    """A fused norm + activation module (timm's BatchNormAct2d and friends) whose activation is real."""
+    act = getattr(m, "act", None)
+    if isinstance(act, nn.Module):
+        return not isinstance(act, nn.Identity)
+    name = getattr(m, "act_name", None)  # InplaceAbn
+    return isinstance(name, str) and name not in ("", "identity")
 
 
 def _is_act_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -234,12 +311,59 @@ def _is_act_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _from_act(node: Any, modules: dict[str, nn.Module], placeholder_act: bool, depth: int = 0) -> bool:
+    """Whether ``node``'s value is an activation's output, looking through channel-preserving ops."""
+    if not isinstance(node, fx.Node) or depth > 64:
+        return False
+    if node.op == "placeholder":
+        return placeholder_act and node is next(iter(n for n in node.graph.nodes if n.op == "placeholder"))
+    if _is_act_node(node, modules):
+        return True
+    nxt = lambda n: _from_act(n, modules, placeholder_act, depth + 1)  # noqa: E731
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        if isinstance(m, NORM_TYPES) or type(m).__name__.endswith(("NormAct", "NormAct2d", "Abn")):
+            return _norm_ends_with_act(m)
+        if isinstance(m, PASS_TYPES) and node.args:
+            return nxt(node.args[0])
+        return False
+    if node.op == "call_function":
+        if node.target in PASS_FUNCTIONS and node.args:
+            return nxt(node.args[0])
+        if node.target in (torch.cat, torch.concat) and node.args and isinstance(node.args[0], (list, tuple)):
+            parts = [a for a in node.args[0] if isinstance(a, fx.Node)]
+            return bool(parts) and all(nxt(a) for a in parts)
+        if node.target in (operator.mul, torch.mul) and len(node.args) == 2:
+            return _through_gate(node, nxt)
+        return False
+    if node.op == "call_method":
+        if node.target in PASS_METHODS and node.args:
+            return nxt(node.args[0])
+        if node.target == "mul" and len(node.args) == 2:
+            return _through_gate(node, nxt)
+    return False
+
+
+def _through_gate(node: fx.Node, nxt: Callable[[Any], bool]) -> bool:
+    """``x * gate`` with a gate broadcast over x's spatial positions (squeeze-excitation): look at x."""
+    out = _tensor_shape(node)
+    a, b = node.args
+    sa, sb = _tensor_shape(a), _tensor_shape(b)
+    if out is None or sa is None or sb is None:
+        return False
+    for x, gate, sx, sg in ((a, b, sa, sb), (b, a, sb, sa)):
+        if sx == out and len(sg) == len(sx) and math.prod(sg) < math.prod(sx) and sg[:2] == sx[:2]:
+            return nxt(x)
+    return False
+
+
 def _single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
 
 
-def _check(rule: Rule, kind: str, m: nn.Module, shape: tuple[int, ...] | None) -> tuple[bool, str | None, dict]:
+def _check(rule: Rule, kind: str, m: nn.Module, shape: tuple[int, ...] | None,
+           out_shape: tuple[int, ...] | None) -> tuple[bool, str | None, dict]:
     """(matches, near-miss reason or None when not even a candidate, facts)."""
     if kind != rule.anchor:
         return False, None, {}
@@ -251,16 +375,23 @@ def _check(rule: Rule, kind: str, m: nn.Module, shape: tuple[int, ...] | None) -
             return False, None, {}  # a different kind of layer: not worth a near-miss line
         c_in, c_out = m.in_channels, m.out_channels
         spatial = shape[2] * shape[3] if len(shape) == 4 else 0
-        facts = {"c_in": c_in, "c_out": c_out, "spatial": spatial, "channel_dim": 1}
+        out_spatial = out_shape[2] * out_shape[3] if out_shape is not None and len(out_shape) == 4 else None
+        facts = {"c_in": c_in, "c_out": c_out, "spatial": spatial, "channel_dim": 1,
+                 "kernel_area": k[0] * k[1], "out_spatial": out_spatial, "groups": m.groups}
+        if len(shape) != 4:
+            return False, f"input is not N×C×H×W ({len(shape)} dims)", facts
         if rule.groups is not None and m.groups != rule.groups:
             return False, f"grouped/depthwise conv (groups={m.groups})", facts
         if rule.stride is not None and tuple(m.stride) != (rule.stride, rule.stride):
             return False, f"stride {tuple(m.stride)} (PiX does not subsample)", facts
-        if any(int(p) != 0 for p in (m.padding if not isinstance(m.padding, str) else ())) or (
-                isinstance(m.padding, str) and m.padding != "valid" and k != (1, 1)):
-            return False, f"padding {m.padding}", facts
-        if tuple(m.dilation) != (1, 1) and k != (1, 1):
-            return False, f"dilation {m.dilation}", facts
+        if rule.mode == "squeeze":  # a pure replacement must keep the spatial size
+            if any(int(p) != 0 for p in (m.padding if not isinstance(m.padding, str) else ())) or (
+                    isinstance(m.padding, str) and m.padding != "valid" and k != (1, 1)):
+                return False, f"padding {m.padding}", facts
+            if tuple(m.dilation) != (1, 1) and k != (1, 1):
+                return False, f"dilation {m.dilation}", facts
+            if out_spatial is not None and out_spatial != spatial:
+                return False, f"changes the spatial size ({spatial} → {out_spatial} positions)", facts
     else:
         if len(shape) < 3:
             return False, "input is not token layout (N×C): a classifier-style linear", {
@@ -271,92 +402,45 @@ def _check(rule: Rule, kind: str, m: nn.Module, shape: tuple[int, ...] | None) -
     if rule.min_ratio is not None and not c_in / c_out > rule.min_ratio:
         what = "not a squeeze" if c_in <= c_out else "ratio too small"
         return False, f"{what}: {c_in}→{c_out} (rule needs C_in/C_out > {rule.min_ratio:g})", facts
+    if rule.min_channels is not None and c_in < rule.min_channels:
+        return False, f"only {c_in} input channels (rule needs at least {rule.min_channels})", facts
     if rule.min_spatial is not None and spatial < rule.min_spatial:
         return False, f"input spatial size {spatial} < {rule.min_spatial} (e.g. squeeze-excitation on a pooled map)", facts
     return True, None, facts
 
 
-def _match_graph(gm: fx.GraphModule, prefix: str, rules: list[Rule], stem: set[str], head: set[str],
-                 out: Analysis, seen: set[str]) -> None:
-    modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    anchors = [n for n in gm.graph.nodes if n.op == "call_module" and _anchor_kind(modules[n.target])]
-    if not prefix and anchors:
-        # Without a timm config, the first and last anchor layers are the stem and the classifier.
-        stem = stem or {anchors[0].target}
-        head = head or {anchors[-1].target}
-    for node in anchors:
-        local = node.target
-        name = f"{prefix}.{local}" if prefix else local
-        if name in seen:
-            continue
-        seen.add(name)
-        m = modules[local]
-        kind = _anchor_kind(m)
-        shape = _tensor_shape(node.args[0]) if node.args else None
-        for rule in rules:
-            if rule.anchor != kind or not rule.names_match(name):
-                continue
-            ok, reason, facts = _check(rule, kind, m, shape)
-            if not ok and reason is None:
-                continue
-            if ok and _under(name, stem) and not rule.allow_stem:
-                ok, reason = False, "stem (never touched unless a rule allows it)"
-            if ok and _under(name, head) and not rule.allow_head:
-                ok, reason = False, "classifier head (never touched unless a rule allows it)"
-            if ok and calls.get(local, 0) != 1:
-                ok, reason = False, f"module is called {calls.get(local, 0)} times in forward"
-            if not ok:
-                out.near_misses.append(NearMiss(name, rule.name, reason, facts.get("c_in"), facts.get("c_out")))
-                continue
-            cand = Candidate(name=name, rule=rule, kind=kind, input_shape=shape, **facts)
-            _absorb_followers(cand, node, rule, modules, calls, prefix)
-            out.candidates.append(cand)
-            break
+class _Record:
+    """One forward pass of the whole model with hooks: call order, call counts and first inputs.
 
+    Inputs are kept (by reference) only for modules that hold a layer, and only when a module is called
+    with positional tensors alone.
+    """
 
-def _absorb_followers(cand: Candidate, node: fx.Node, rule: Rule, modules: dict[str, nn.Module],
-                      calls: dict[str, int], prefix: str) -> None:
-    q = (lambda t: f"{prefix}.{t}" if prefix else t)
-    cur = node
-    if "norm?" in rule.pattern:
-        nxt = _single_user(cur)
-        if (nxt is not None and nxt.op == "call_module" and isinstance(modules.get(nxt.target), NORM_TYPES)
-                and calls.get(nxt.target) == 1 and nxt.args and nxt.args[0] is cur):
-            cand.norm = q(nxt.target)
-            cur = nxt
-    if "act?" in rule.pattern:
-        nxt = _single_user(cur)
-        if nxt is not None and nxt.args and nxt.args[0] is cur and _is_act_node(nxt, modules):
-            if nxt.op == "call_module":
-                cand.act = q(nxt.target)
-                cand.act_removable = calls.get(nxt.target) == 1
-                if not cand.act_removable:
-                    cand.act_desc = f"{cand.act} (shared module, kept)"
-            else:
-                name = getattr(nxt.target, "__name__", str(nxt.target))
-                cand.act_desc = f"{name} (function, kept)"
-
-
-def _record_input_shapes(model: nn.Module, example: Any) -> dict[str, tuple[int, ...]]:
-    """One forward pass with hooks: the first positional input's shape of every module."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for name, m in model.named_modules():
-        def hook(mod, args, name=name):
-            if name not in shapes and args and isinstance(args[0], torch.Tensor) and len(args) == 1:
-                shapes[name] = tuple(args[0].shape)
-        handles.append(m.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            _call(model, example)
-    finally:
-        for h in handles:
-            h.remove()
-    return shapes
+    def __init__(self, model: nn.Module, example: Any):
+        self.order: list[str] = []
+        self.calls: dict[str, int] = {}
+        self.inputs: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.error: str | None = None
+        holds = {name for name, m in model.named_modules() if _holds_anchor(m)}
+        handles = []
+        for name, m in model.named_modules():
+            def hook(mod, args, kwargs, name=name):
+                n = self.calls.get(name, 0)
+                self.calls[name] = n + 1
+                if n == 0:
+                    self.order.append(name)
+                    if (name in holds and args and not kwargs
+                            and all(isinstance(a, torch.Tensor) for a in args)):
+                        self.inputs[name] = tuple(a.detach() for a in args)
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                _call(model, example)
+        except Exception as exc:  # pragma: no cover - the caller ran the model successfully before
+            self.error = _short_reason(exc)
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def _call(model: nn.Module, example: Any) -> Any:
@@ -367,37 +451,175 @@ def _call(model: nn.Module, example: Any) -> Any:
     return model(example)
 
 
-def _analyse_module(module: nn.Module, prefix: str, example: torch.Tensor | None, rules: list[Rule],
-                    stem: set[str], head: set[str], out: Analysis, seen: set[str],
-                    shapes: dict[str, tuple[int, ...]] | None, root: nn.Module, depth: int = 0) -> None:
+@dataclass
+class _Ctx:
+    root: nn.Module
+    example: Any
+    rules: list[Rule]
+    out: Analysis
+    stem: set[str] = field(default_factory=set)
+    head: set[str] = field(default_factory=set)
+    seen: set[str] = field(default_factory=set)
+    _record: _Record | None = None
+
+    def record(self) -> _Record:
+        if self._record is None:
+            self._record = _Record(self.root, self.example)
+        return self._record
+
+
+def _qualifier(prefix: str, holder: bool) -> Callable[[str], str]:
+    if holder:  # the lone layer is ``m`` inside the holder
+        return lambda t: prefix + t[1:] if t == "m" or t.startswith("m.") else f"{prefix}.{t}"
+    return lambda t: f"{prefix}.{t}" if prefix else t
+
+
+def _match_graph(ctx: _Ctx, gm: fx.GraphModule, q: Callable[[str], str], placeholder_act: bool) -> None:
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    read_directly = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    anchors = [n for n in gm.graph.nodes if n.op == "call_module" and _anchor_kind(modules[n.target])]
+    for node in anchors:
+        local = node.target
+        name = q(local)
+        if name in ctx.seen:
+            continue
+        ctx.seen.add(name)
+        m = modules[local]
+        kind = _anchor_kind(m)
+        shape = _tensor_shape(node.args[0]) if node.args else None
+        out_shape = _tensor_shape(node)
+        from_act: bool | None = None
+        for rule in ctx.rules:
+            if rule.anchor != kind or not rule.names_match(name):
+                continue
+            ok, reason, facts = _check(rule, kind, m, shape, out_shape)
+            if not ok and reason is None:
+                continue
+            if ok and rule.input_from_act:
+                if from_act is None:
+                    from_act = bool(node.args) and _from_act(node.args[0], modules, placeholder_act)
+                if not from_act:
+                    ok, reason = False, "input does not come from an activation"
+            if ok and _under(name, ctx.stem) and not rule.allow_stem:
+                ok, reason = False, "stem (never touched unless a rule allows it)"
+            if ok and _under(name, ctx.head) and not rule.allow_head:
+                ok, reason = False, "classifier head (never touched unless a rule allows it)"
+            if ok and calls.get(local, 0) != 1:
+                ok, reason = False, f"module is called {calls.get(local, 0)} times in forward"
+            if ok and any(t == local or t.startswith(local + ".") for t in read_directly):
+                ok, reason = False, "its parameters are also read directly in forward"
+            if not ok:
+                ctx.out.near_misses.append(NearMiss(name, rule.name, reason, facts.get("c_in"), facts.get("c_out")))
+                continue
+            cand = Candidate(name=name, rule=rule, kind=kind, input_shape=shape, **facts)
+            if rule.mode == "squeeze":
+                _absorb_followers(cand, node, rule, modules, calls, q, read_directly)
+            ctx.out.candidates.append(cand)
+            break
+
+
+def _absorb_followers(cand: Candidate, node: fx.Node, rule: Rule, modules: dict[str, nn.Module],
+                      calls: dict[str, int], q: Callable[[str], str], read_directly: set[str]) -> None:
+    cur = node
+    free = (lambda t: not any(r == t or r.startswith(t + ".") for r in read_directly))
+    if "norm?" in rule.pattern:
+        nxt = _single_user(cur)
+        if (nxt is not None and nxt.op == "call_module" and isinstance(modules.get(nxt.target), NORM_TYPES)
+                and calls.get(nxt.target) == 1 and nxt.args and nxt.args[0] is cur and free(nxt.target)):
+            cand.norm = q(nxt.target)
+            cur = nxt
+    if "act?" in rule.pattern:
+        nxt = _single_user(cur)
+        if nxt is not None and nxt.args and nxt.args[0] is cur and _is_act_node(nxt, modules):
+            if nxt.op == "call_module":
+                cand.act = q(nxt.target)
+                cand.act_removable = calls.get(nxt.target) == 1 and free(nxt.target)
+                if not cand.act_removable:
+                    cand.act_desc = f"{cand.act} (shared module, kept)"
+            else:
+                name = getattr(nxt.target, "__name__", str(nxt.target))
+                cand.act_desc = f"{name} (function, kept)"
+
+
+def _example_from_meta(nodes: Iterable[Any], like: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """Random tensors shaped like the (tensor) values of ``nodes``; None if one is not a plain tensor."""
+    out = []
+    g = torch.Generator().manual_seed(0)
+    p = next(iter(like.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    for n in nodes:
+        meta = _tensor_meta(n)
+        if meta is None or not hasattr(meta, "shape"):
+            return None
+        dtype = meta.dtype
+        if dtype.is_floating_point:
+            t = torch.randn(tuple(meta.shape), generator=g).to(dtype)
+        else:
+            t = torch.zeros(tuple(meta.shape), dtype=dtype)
+        out.append(t.to(device))
+    return tuple(out)
+
+
+def _analyse_module(ctx: _Ctx, module: nn.Module, prefix: str, example: tuple[torch.Tensor, ...] | None,
+                    placeholder_act: bool = False, depth: int = 0) -> None:
+    """Trace ``module`` (qualified name ``prefix``) on ``example`` and match it; fall back to its children."""
+    holder = _anchor_kind(module) is not None
     try:
-        gm = trace(module)
-        if example is not None:
-            ShapeProp(gm).propagate(example)
+        if example is None:
+            raise TypeError("no example input for this part (it is not called with positional tensors alone)")
+        gm = trace(_Holder(module) if holder else module)
+        ShapeProp(gm).propagate(*example)
     except Exception as exc:  # the tracer's reason goes into the report
         reason = _short_reason(exc)
-        children = list(module.named_children())
-        if not children or depth > 12:
-            out.untraced.append(Untraced(prefix, reason))
+        children = [(n, c) for n, c in module.named_children() if _holds_anchor(c)]
+        if holder or not children or depth > 12:
+            ctx.out.untraced.append(Untraced(prefix, reason))
             return
-        out.untraced.append(Untraced(prefix, f"{reason} — its children are analysed separately"))
-        if shapes is None:
-            return
+        ctx.out.untraced.append(Untraced(prefix, f"{reason} — its children are analysed separately"))
+        rec = ctx.record()
         for cname, child in children:
             full = f"{prefix}.{cname}" if prefix else cname
-            if full not in shapes:
-                if any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in child.modules()):
-                    out.untraced.append(Untraced(full, "not called with a single tensor input in forward"))
+            if full not in rec.calls:
+                ctx.out.untraced.append(Untraced(full, "not called in forward on the example input"))
                 continue
-            g = torch.Generator().manual_seed(0)
-            p = next(iter(child.parameters()), None)
-            ex = torch.randn(shapes[full], generator=g)
-            if p is not None:
-                ex = ex.to(device=p.device, dtype=p.dtype if p.is_floating_point() else torch.float32)
-            _analyse_module(child, full, ex, rules, stem, head, out, seen, shapes, root, depth + 1)
+            _analyse_module(ctx, child, full, rec.inputs.get(full), False, depth + 1)
         return
-    out.traced.append(prefix)
-    _match_graph(gm, prefix, rules, stem, head, out, seen)
+    ctx.out.traced.append(prefix)
+    q = _qualifier(prefix, holder)
+    _match_graph(ctx, gm, q, placeholder_act)
+    if holder:
+        return
+    # Leaf modules that hold layers (timm's no-trace modules): analyse them on their own graphs.
+    modules = dict(gm.named_modules())
+    done: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in done:
+            continue
+        m = modules.get(node.target)
+        if m is None or _anchor_kind(m) or not _holds_anchor(m):
+            continue
+        done.add(node.target)
+        full = q(node.target)
+        if type(m).__module__.startswith("torch.nn."):
+            # torch's own composite layers (MultiheadAttention, TransformerEncoderLayer) read their layers'
+            # weights directly (fused kernels): their layers cannot be swapped.
+            for sub, layer in m.named_modules():
+                if sub and _anchor_kind(layer) and f"{full}.{sub}" not in ctx.seen:
+                    ctx.seen.add(f"{full}.{sub}")
+                    ctx.out.near_misses.append(NearMiss(
+                        f"{full}.{sub}", "-", f"inside torch.nn.{type(m).__name__}, which uses its layers' "
+                        "weights directly", *_in_out(layer)))
+            continue
+        ex = _example_from_meta(node.args, m) if node.args and not node.kwargs else None
+        if ex is None:
+            rec = ctx.record()
+            ex = rec.inputs.get(full)
+        from_act = bool(node.args) and _from_act(node.args[0], modules, placeholder_act)
+        _analyse_module(ctx, m, full, ex, from_act, depth + 1)
 
 
 def analyse(model: nn.Module, rules: list[Rule], example_input: Any) -> Analysis:
@@ -409,25 +631,23 @@ def analyse(model: nn.Module, rules: list[Rule], example_input: Any) -> Analysis
     was_training = model.training
     model.eval()
     try:
-        stem, head = _stem_names(model), _classifier_names(model)
-        seen: set[str] = set()
-        try:
-            gm = trace(model)
-            if isinstance(example_input, torch.Tensor):
-                ShapeProp(gm).propagate(example_input)
-            else:
-                raise TypeError("example input is not a single tensor")
-        except Exception:
-            shapes = _record_input_shapes(model, example_input)
-            # stem/head from the hook order when no timm config names them
-            anchors = [n for n, m in model.named_modules() if _anchor_kind(m) and n in shapes]
+        ctx = _Ctx(model, example_input, list(rules), out, _cfg_names(model, "first_conv"),
+                   _cfg_names(model, "classifier"))
+        if not ctx.stem or not ctx.head:
+            # Without a timm config, the first and last layers the forward pass runs are the stem and the
+            # classifier.
+            rec = ctx.record()
+            anchors = [n for n in rec.order if n and _anchor_kind(model.get_submodule(n))]
             if anchors:
-                stem = stem or {anchors[0]}
-                head = head or {anchors[-1]}
-            _analyse_module(model, "", None, rules, stem, head, out, seen, shapes, model)
-            return out
-        out.traced.append("")
-        _match_graph(gm, "", rules, stem, head, out, seen)
+                ctx.stem = ctx.stem or {anchors[0]}
+                ctx.head = ctx.head or {anchors[-1]}
+        if isinstance(example_input, torch.Tensor):
+            example: tuple[torch.Tensor, ...] | None = (example_input,)
+        elif isinstance(example_input, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_input):
+            example = tuple(example_input)
+        else:
+            example = None
+        _analyse_module(ctx, model, "", example)
         return out
     finally:
         model.train(was_training)

@@ -1,8 +1,16 @@
 """Rewriting: decide ζ at every matched site, then swap modules by qualified name (SPEC §3.2, §3.4).
 
-A *pure* site replaces the anchor layer by PiX (its norm and activation become ``nn.Identity``). A
-*hybrid* site puts PiX(ζ) in front of the anchor layer shrunk to ``ceil(C_in/ζ)`` inputs, whose weights are
-folded from the original (the input-channel slices of each subset summed, scaled by ``1/sigmoid(0)``).
+Squeeze mode: a *pure* site replaces the anchor layer by PiX (its norm and activation become
+``nn.Identity``). A *hybrid* site puts PiX(ζ) in front of the anchor layer shrunk to ``ceil(C_in/ζ)``
+inputs, whose weights are folded from the original (the input-channel slices of each subset summed,
+scaled by ``1/sigmoid(0)``).
+
+Prune mode: a *prune* site is built exactly like a hybrid one — PiX(ζ) in front of the consumer layer
+(any dense k×k convolution or token-layout linear fed by an activation), the consumer shrunk to
+``ceil(C_in/ζ)`` inputs with folded weights — but it is chosen for a different reason (the consumer's
+MACs drop by ζ) and ``--zeta auto`` means the rule's ``auto_zeta`` (2 by default). The consumer keeps its
+kernel, stride, padding and output channels, so whatever reads its output (residual adds,
+concatenations, grouped convolutions) sees the same shapes as before.
 
 Initialisation (SPEC §3.4): φ starts at zero, so every probability is ``sigmoid(0) = 0.5 = τ`` and every
 group *mixes* (a mean) on the first forward pass. The folded layer of a hybrid site divides that known
@@ -52,7 +60,7 @@ class SiteRecord:
     rule: str
     mode: str
     kind: str  # conv2d | linear
-    action: str  # pure | hybrid | skip
+    action: str  # pure | hybrid | prune | skip
     c_in: int
     c_out: int
     spatial: int
@@ -65,10 +73,16 @@ class SiteRecord:
     reason: str = ""
     macs_before: int = 0
     macs_after: int = 0
+    kernel_area: int = 1  # kh*kw of a conv consumer (prune sites)
+    out_spatial: int | None = None  # output positions of the layer when they differ from ``spatial``
 
     @property
     def groups(self) -> int | None:
         return pix_groups(self.c_in, self.zeta) if self.zeta else None
+
+    @property
+    def macs_saved(self) -> int:
+        return self.macs_before - self.macs_after
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,10 +121,16 @@ def _exact_zeta(c_in: int, c_out: int) -> int | None:
     return None
 
 
+DEFAULT_PRUNE_ZETA = 2  # what `--zeta auto` means at a prune point whose rule sets no auto_zeta
+
+
 def plan_sites(candidates: list[Candidate], zeta: int | str, tau: float) -> list[SiteRecord]:
-    """Decide pure / hybrid / skip and ζ for every candidate."""
+    """Decide pure / hybrid / prune / skip and ζ for every candidate."""
     records = []
     for c in candidates:
+        if c.rule.mode == "prune":
+            records.append(_plan_prune(c, zeta, tau))
+            continue
         removed, kept = [], []
         if c.norm:
             removed.append(c.norm)
@@ -120,7 +140,7 @@ def plan_sites(candidates: list[Candidate], zeta: int | str, tau: float) -> list
             kept.append(c.act_desc)
         rec = SiteRecord(name=c.name, rule=c.rule.name, mode=c.rule.mode, kind=c.kind, action="skip",
                          c_in=c.c_in, c_out=c.c_out, spatial=c.spatial, channel_dim=c.channel_dim,
-                         pattern=c.pattern, tau=tau, macs_before=c.c_in * c.c_out * c.spatial)
+                         pattern=c.pattern, tau=tau, macs_before=c.macs)
         exact = _exact_zeta(c.c_in, c.c_out)
         allow_ratio_one = c.rule.min_ratio is not None and c.rule.min_ratio < 1
         r = c.ratio
@@ -147,12 +167,29 @@ def plan_sites(candidates: list[Candidate], zeta: int | str, tau: float) -> list
     return records
 
 
+def _plan_prune(c: Candidate, zeta: int | str, tau: float) -> SiteRecord:
+    rec = SiteRecord(name=c.name, rule=c.rule.name, mode="prune", kind=c.kind, action="skip", c_in=c.c_in,
+                     c_out=c.c_out, spatial=c.spatial, channel_dim=c.channel_dim, pattern=c.pattern, tau=tau,
+                     macs_before=c.macs, kernel_area=c.kernel_area,
+                     out_spatial=c.out_spatial if c.out_spatial != c.spatial else None)
+    z = (c.rule.auto_zeta or DEFAULT_PRUNE_ZETA) if zeta == "auto" else int(zeta)
+    if z >= c.c_in:
+        rec.reason = f"ζ={z} ≥ {c.c_in} input channels: nothing left to prune to"
+    else:
+        rec.action, rec.zeta = "prune", z
+    rec.macs_after = _site_macs(rec)
+    return rec
+
+
 def _site_macs(rec: SiteRecord) -> int:
     if rec.action == "skip":
         return rec.macs_before
     g = pix_groups(rec.c_in, rec.zeta)
     pix = rec.c_in * g + rec.c_in * rec.spatial  # φ, plus one compare/add per input element
-    return pix if rec.action == "pure" else pix + g * rec.c_out * rec.spatial
+    if rec.action == "pure":
+        return pix
+    out_spatial = rec.spatial if rec.out_spatial is None else rec.out_spatial
+    return pix + g * rec.c_out * rec.kernel_area * out_spatial
 
 
 def fold_layer(layer: nn.Module, zeta: int, scale: float = 1.0 / INIT_P) -> nn.Module:
@@ -210,7 +247,10 @@ def apply_sites(model: nn.Module, records: list[SiteRecord]) -> nn.Module:
             _set(model, rec.name, pix)
             for other in rec.removed:
                 _set(model, other, nn.Identity())
-        elif rec.action == "hybrid":
+        elif rec.action in ("hybrid", "prune"):
+            if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+                raise ValueError(f"site {rec.name}: a grouped convolution (groups={layer.groups}) cannot be "
+                                 "shrunk")
             shrunk = fold_layer(layer, rec.zeta)
             _set(model, rec.name, PiXBlock(pix, shrunk))
         else:

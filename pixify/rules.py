@@ -46,6 +46,9 @@ class Rule:
     exclude: tuple[str, ...] = ()
     allow_stem: bool = False  # the stem and the classifier are never touched unless a rule says so
     allow_head: bool = False
+    input_from_act: bool = False  # the anchor's input must come from an activation (prune points)
+    min_channels: int | None = None  # C_in of the anchor must reach this
+    auto_zeta: int | None = None  # the ζ that `--zeta auto` uses at this rule's sites (prune; default 2)
     source: str = "<api>"  # file the rule came from
     digest: str = ""  # content hash of the rule's definition
 
@@ -79,6 +82,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "exclude": (list,),
     "allow_stem": (bool,),
     "allow_head": (bool,),
+    "input_from_act": (bool,),
+    "min_channels": (int,),
+    "auto_zeta": (int,),
 }
 _REQUIRED = ("name", "description", "mode", "pattern")
 
@@ -128,7 +134,10 @@ def _validate(data: dict[str, Any], path: str, line_of) -> Rule:
     rest = list(pattern[1:])
     if any(p not in FOLLOWERS for p in rest) or rest != [f for f in FOLLOWERS if f in rest]:
         raise RuleError(path, line_of("pattern"), f"after the anchor a pattern may hold {', '.join(FOLLOWERS)} in that order")
-    for key in ("kernel_size", "stride", "groups", "min_spatial"):
+    if data["mode"] == "prune" and rest:
+        raise RuleError(path, line_of("pattern"), "a prune rule matches the consumer layer alone: pattern must be "
+                        "[\"conv2d\"] or [\"linear\"] (no followers)")
+    for key in ("kernel_size", "stride", "groups", "min_spatial", "min_channels", "auto_zeta"):
         if key in data and data[key] < 1:
             raise RuleError(path, line_of(key), f"'{key}' must be >= 1")
     if "min_ratio" in data and data["min_ratio"] <= 0:

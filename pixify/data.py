@@ -1,0 +1,236 @@
+"""Data for fine-tuning and evaluation (SPEC §5), through timm's pipeline.
+
+``prepare_data`` validates a data folder up front (it exists, holds images, every image decodes), tells
+labelled ImageFolder trees (one sub-folder per class) from flat folders of unlabelled images, and
+``create_loader`` turns it into a timm ``ImageDataset`` + ``create_loader`` with the transforms resolved
+from the model's ``pretrained_cfg`` (``resolve_data_config``). Other timm sources (``torch/NAME``,
+``hfds/NAME``, ``wds/NAME``, tar files) pass through to ``timm.data.create_dataset`` unchecked.
+
+Every problem a user can cause is a one-line :class:`~pixify.errors.PixifyError`.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import PixifyError
+
+__all__ = ["DataSource", "prepare_data", "resolve_data_config", "create_loader", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+_TRAIN_SPLITS = ("train", "training")
+_EVAL_SPLITS = ("validation", "val", "valid", "eval", "evaluation", "test")
+
+
+@dataclass
+class DataSource:
+    """A validated data source: where it is, whether it has labels, its classes and its size."""
+
+    root: str
+    name: str = ""  # timm dataset name ('' = ImageFolder / tar, else e.g. 'torch/cifar10')
+    labelled: bool = True
+    classes: list[str] = field(default_factory=list)
+    num_images: int | None = None
+    split: str = "train"
+
+    def describe(self) -> str:
+        n = f"{self.num_images} images" if self.num_images is not None else "images"
+        kind = f"{len(self.classes)} classes" if self.labelled and self.classes else (
+            "labelled" if self.labelled else "unlabelled")
+        return f"{self.root}: {n}, {kind}"
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _search_split(root: Path, split: str) -> Path:
+    """timm's convention: ``root/train`` for training, ``root/val`` (or validation, test...) for evaluation."""
+    names = _TRAIN_SPLITS if split == "train" else _EVAL_SPLITS
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    return root
+
+
+def _check_image(path: str) -> str | None:
+    """None when the image decodes, else the reason. JPEGs decode at reduced size (draft mode)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (64, 64))
+            im.load()
+            if im.width < 1 or im.height < 1:
+                return "empty image"
+    except Exception as exc:  # PIL raises many types for bad files
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return text
+    return None
+
+
+def _check_images(files: Sequence[str], workers: int) -> None:
+    if not files:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for path, reason in zip(files, pool.map(_check_image, files, chunksize=64)):
+            if reason is not None:
+                raise PixifyError(f"cannot decode image {path}: {reason}",
+                                  "remove or replace the file (or pass --no-check-images to skip the scan)")
+
+
+def prepare_data(path: str | Path, *, split: str = "train", dataset: str = "", labelled: bool | None = None,
+                 check_images: bool = True, workers: int = 4, what: str = "data") -> DataSource:
+    """Validate a data source and describe it.
+
+    Args:
+        path: an ImageFolder tree (``root/CLASS/img.png``), a flat folder of unlabelled images, a folder
+            with ``train/`` and ``val/`` sub-folders (``split`` picks one), a ``.tar`` of images, or the
+            root of a timm dataset named by ``dataset``.
+        split: ``"train"`` or ``"val"``: which split folder to use when ``path`` has them.
+        dataset: a timm dataset name (``torch/cifar10``, ``hfds/...``); ``""`` for folders and tar files.
+        labelled: force labels on/off; by default a tree with class folders is labelled and a flat folder
+            of images is not.
+        check_images: decode every image once (JPEGs at reduced size) so a corrupt file fails now, with
+            its name, instead of being skipped silently in the middle of training.
+        what: how to name the source in error messages (``--data``, ``--val-data``).
+    """
+    if path is None or str(path).strip() == "":
+        raise PixifyError(f"no {what} given", "pass a folder of images")
+    p = Path(path).expanduser()
+    if dataset:
+        if not p.exists():
+            raise PixifyError(f"{what} root {path} does not exist")
+        return DataSource(str(p), dataset, labelled if labelled is not None else True, [], None, split)
+    if not p.exists():
+        raise PixifyError(f"{what} folder not found: {path}")
+    if p.is_file():
+        if p.suffix.lower() != ".tar":
+            raise PixifyError(f"{what} {path} is a file", "give a folder of images (ImageFolder tree) or a .tar of images")
+        return DataSource(str(p), "", labelled if labelled is not None else True, [], None, split)
+    p = _search_split(p, split)
+    top: list[str] = []
+    by_class: dict[str, list[str]] = {}
+    for root, dirs, files in os.walk(p, followlinks=True):
+        dirs.sort()
+        imgs = [os.path.join(root, f) for f in sorted(files) if _is_image(f) and not f.startswith(".")]
+        if not imgs:
+            continue
+        rel = os.path.relpath(root, p)
+        if rel == ".":
+            top.extend(imgs)
+        else:
+            # timm's ImageFolder reader labels an image by the leaf name of its folder
+            by_class.setdefault(os.path.basename(root), []).extend(imgs)
+    n = len(top) + sum(len(v) for v in by_class.values())
+    if n == 0:
+        raise PixifyError(f"{what} folder {p} holds no images",
+                          f"expected class folders of images or a folder of images ({', '.join(IMAGE_EXTENSIONS)})")
+    if top and by_class:
+        raise PixifyError(f"{what} folder {p} mixes images at its top level with class folders",
+                          "use one folder per class, or a flat folder of unlabelled images")
+    is_labelled = bool(by_class) if labelled is None else labelled
+    if labelled and not by_class:
+        raise PixifyError(f"{what} folder {p} has no class folders, so it has no labels",
+                          "drop --labelled or arrange the images as ROOT/CLASS/IMAGE")
+    if check_images:
+        _check_images(top + [f for v in by_class.values() for f in v], workers)
+    from timm.data.readers.reader_image_folder import natural_key
+
+    classes = sorted(by_class, key=natural_key) if is_labelled else []
+    return DataSource(str(p), "", is_labelled, classes, n, split)
+
+
+def resolve_data_config(model: nn.Module, input_size: Sequence[int] | None = None, *, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None, crop_pct: float | None = None,
+                        interpolation: str | None = None) -> dict[str, Any]:
+    """The model's preprocessing: timm's ``resolve_data_config`` on its ``pretrained_cfg``, adapted.
+
+    ``input_size`` (C, H, W) defaults to the recipe's conversion input shape, then the pretrained_cfg;
+    mean/std are cut to the number of input channels (a 1-channel model gets their average).
+    """
+    from timm.data import resolve_data_config as timm_resolve
+
+    args: dict[str, Any] = {}
+    if input_size is None:
+        recipe = getattr(model, "pixify_recipe", None) or {}
+        shape = recipe.get("input_shape") or []
+        if len(shape) == 4:
+            input_size = tuple(int(s) for s in shape[1:])
+    if input_size is not None:
+        input_size = tuple(int(s) for s in input_size)
+        if len(input_size) != 3 or any(s < 1 for s in input_size):
+            raise PixifyError(f"input size must be C,H,W positive integers, got {input_size}")
+        args["input_size"] = input_size
+    if interpolation:
+        args["interpolation"] = interpolation
+    if crop_pct:
+        if not 0 < crop_pct <= 1:
+            raise PixifyError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+        args["crop_pct"] = crop_pct
+    cfg = timm_resolve(args, model=model) if hasattr(model, "pretrained_cfg") else timm_resolve(
+        args, pretrained_cfg={"input_size": input_size or (3, 224, 224)})
+    chans = cfg["input_size"][0]
+    for key, given in (("mean", mean), ("std", std)):
+        vals = tuple(float(v) for v in (given if given is not None else cfg[key]))
+        if len(vals) == 1:
+            vals = vals * chans
+        elif len(vals) != chans:
+            if chans == 1:
+                vals = (sum(vals) / len(vals),)
+            else:
+                raise PixifyError(f"{key} has {len(vals)} values but the model takes {chans} channels")
+        cfg[key] = vals
+    return cfg
+
+
+def create_dataset(source: DataSource, channels: int, training: bool):
+    """A timm dataset for ``source`` (images read as 'L' for 1-channel models, else 'RGB')."""
+    import timm.data
+
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        return timm.data.create_dataset(source.name, root=source.root, split=source.split, search_split=False,
+                                        is_training=training, input_img_mode=mode)
+    except PixifyError:
+        raise
+    except Exception as exc:
+        raise PixifyError(f"timm cannot read the dataset {source.name or source.root}: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def create_loader(source: DataSource, data_config: dict[str, Any], batch_size: int, *, training: bool,
+                  augment: bool = False, workers: int = 2, distributed: bool = False, device: str = "cpu",
+                  seed: int = 0):
+    """A timm loader: shuffled, drop-last and (with ``augment``) timm's training transforms when training;
+    ordered with the evaluation transforms otherwise. No prefetcher: batches come as CPU tensors."""
+    import timm.data
+
+    ds = create_dataset(source, data_config["input_size"][0], training)
+    if len(ds) == 0:
+        raise PixifyError(f"the dataset at {source.root} is empty")
+    if training and len(ds) < batch_size and not distributed:
+        batch_size = len(ds)
+    loader = timm.data.create_loader(
+        ds, input_size=data_config["input_size"], batch_size=batch_size, is_training=training,
+        no_aug=not augment, interpolation=data_config["interpolation"], mean=data_config["mean"],
+        std=data_config["std"], crop_pct=data_config["crop_pct"], crop_mode=data_config.get("crop_mode"),
+        num_workers=workers, distributed=distributed, pin_memory=str(device).startswith("cuda"),
+        use_prefetcher=False, persistent_workers=False,
+        device=torch.device(device),
+    )
+    sampler = getattr(loader, "sampler", None)
+    if distributed and hasattr(sampler, "seed"):
+        sampler.seed = seed  # DistributedSampler shuffles with seed + epoch
+    if training and len(loader) == 0:
+        raise PixifyError(f"the dataset at {source.root} has fewer images ({len(ds)}) than one batch per process",
+                          "lower --batch-size")
+    return loader

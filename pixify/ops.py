@@ -1,0 +1,957 @@
+"""The Pick-or-Mix (PiX) operator (SPEC section 2).
+
+Input ``x`` has a batch dimension 0 and a channel dimension ``channel_dim`` of size ``C``; every other
+dimension is "spatial" (``H×W`` for NCHW, ``L`` for ``N×L×C`` tokens).  With a sampling factor ``zeta``
+there are ``G = ceil(C / zeta)`` contiguous channel subsets ``[i*zeta, min(i*zeta + zeta, C))``.
+
+``pix``:  ``z = mean of x over the spatial dims`` (N×C), ``p = sigmoid(z @ weight.T)`` (N×G), then the
+fused *pick-or-mix* step: per sample ``n`` and subset ``i``
+
+* ``p[n, i] <  tau``: pick -- ``y = p · max over the subset``
+* ``p[n, i] >= tau``: mix  -- ``y = p · mean over the subset`` (the true subset size, also for a short
+  last subset)
+
+Gradients are exact for the branch taken: pick sends ``p·g`` to the first arg-max channel, mix sends
+``p·g/|subset|`` to every member, ``p`` receives ``sum over pixels of g·fused``; nothing flows through the
+threshold.
+
+Implementation layout
+---------------------
+* ``pixify::pick_or_mix`` and ``pixify::pick_or_mix_backward`` are ``torch.library`` custom ops (fake
+  kernels for compile/export, autograd registered), so fx / ``torch.compile(fullgraph=True)`` /
+  ``torch.export`` see one opaque node.
+* Their kernels pick the fastest exact path at run time:
+
+  - CPU, "planar" memory (contiguous NCHW / N×C×L): every (sample, subset) is a block of contiguous
+    channel rows.  The mix subsets are summed by ``embedding_bag`` (a gather-reduce that reads only the
+    mix rows and folds ``p/|subset|`` in as per-sample weights; pick subsets are empty bags), the pick
+    subsets are gathered and reduced with ``amax`` -- so the input is read about once in total and no
+    full-size ``where`` is ever built.
+  - CPU, "interleaved" memory (channels_last NCHW, N×L×C tokens): channels are innermost; the group max
+    comes from ``max_pool1d`` and the group sum from a tiny block-diagonal matmul, then an output-sized
+    select.
+  - anything else (CUDA, other layouts, tiny tensors): the generic formulation -- two grouped reductions
+    and an output-sized select (never a select over the full-size input).
+* :func:`pick_or_mix_reference` is plain differentiable PyTorch used for ONNX export and equality tests;
+  :func:`reference_mode` makes :func:`pick_or_mix` / :func:`pix` use it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import PixifyError
+
+__all__ = [
+    "PiX",
+    "PixArgumentError",
+    "pick_or_mix",
+    "pick_or_mix_reference",
+    "pix",
+    "pix_decompositions",
+    "pix_flop_formulas",
+    "pix_groups",
+    "reference_mode",
+]
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checking
+
+
+class PixArgumentError(PixifyError, ValueError):
+    """A bad PiX argument (zeta, tau, channels, channel_dim); a ``ValueError`` and a ``PixifyError``."""
+
+
+def _check_zeta(zeta: Any) -> int:
+    if isinstance(zeta, bool) or not isinstance(zeta, numbers.Integral):
+        raise PixArgumentError(f"zeta must be an integer >= 1, got {zeta!r}")
+    if zeta < 1:
+        raise PixArgumentError(f"zeta must be an integer >= 1, got {zeta!r}")
+    return int(zeta)
+
+
+def _check_tau(tau: Any) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise PixArgumentError(f"tau must be a number strictly between 0 and 1, got {tau!r}")
+    tau = float(tau)
+    if not (0.0 < tau < 1.0):  # also rejects nan
+        raise PixArgumentError(f"tau must be a number strictly between 0 and 1, got {tau!r}")
+    return tau
+
+
+def _check_channels(channels: Any) -> int:
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
+        raise PixArgumentError(f"channels must be an integer >= 1, got {channels!r}")
+    return int(channels)
+
+
+def _check_channel_dim(channel_dim: Any) -> int:
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, numbers.Integral) or channel_dim == 0:
+        raise PixArgumentError(
+            f"channel_dim must be a non-zero integer (dimension 0 is the batch), got {channel_dim!r}"
+        )
+    return int(channel_dim)
+
+
+def pix_groups(channels: int, zeta: int) -> int:
+    """Number of PiX output channels ``G = ceil(channels / zeta)``."""
+    channels = _check_channels(channels)
+    zeta = _check_zeta(zeta)
+    return -(-channels // zeta)
+
+
+def _norm_dim(channel_dim: int, ndim: int) -> int:
+    cd = channel_dim + ndim if channel_dim < 0 else channel_dim
+    if ndim < 2 or not (1 <= cd < ndim):
+        raise PixArgumentError(
+            f"channel_dim={channel_dim} is not a non-batch dimension of a {ndim}-d input "
+            "(PiX needs at least a batch and a channel dimension)"
+        )
+    return cd
+
+
+def _check_p(x: Tensor, p: Tensor, zeta: int, cd: int) -> None:
+    n, c = x.shape[0], x.shape[cd]
+    g = -(-c // zeta)
+    if p.dim() != 2 or p.shape[0] != n or p.shape[1] != g:
+        raise PixArgumentError(
+            f"p must have shape (N, G) = ({n}, {g}) for an input with {c} channels and zeta={zeta}, "
+            f"got {tuple(p.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference mode / path switches
+
+_REFERENCE_DEPTH = 0
+# Test/diagnostic switch: False makes the custom-op kernels use the generic (device independent) code
+# on CPU as well.  Not part of the public API.
+_FAST_CPU = True
+# Below this many input elements the generic code is used on CPU too (the index bookkeeping of the
+# fast kernels costs more than it saves there; measured crossover ~0.4-0.8 M elements on 2 cores).
+_FAST_MIN_NUMEL = 1 << 19
+# Generic code on CPU: outputs at least this large use the min/max select instead of torch.where.
+_CPU_SELECT_MIN_NUMEL = 1 << 16
+
+
+@contextlib.contextmanager
+def reference_mode() -> Iterator[None]:
+    """Inside, :func:`pick_or_mix` and :func:`pix` use the pure-PyTorch reference path.
+
+    Use it for ``torch.onnx.export`` (the graph then contains only standard aten ops) and for
+    equality tests.  Nesting is allowed.
+    """
+    global _REFERENCE_DEPTH
+    _REFERENCE_DEPTH += 1
+    try:
+        yield
+    finally:
+        _REFERENCE_DEPTH -= 1
+
+
+def _reference_active() -> bool:
+    return _REFERENCE_DEPTH > 0
+
+
+@contextlib.contextmanager
+def _fast_paths(enabled: bool) -> Iterator[None]:
+    """Internal: enable/disable the CPU fast kernels (tests compare both)."""
+    global _FAST_CPU
+    old = _FAST_CPU
+    _FAST_CPU = enabled
+    try:
+        yield
+    finally:
+        _FAST_CPU = old
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference path (plain differentiable PyTorch; exportable)
+
+
+def pick_or_mix_reference(
+    x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channel_dim: int = 1
+) -> Tensor:
+    """The fused pick-or-mix step written with standard differentiable PyTorch ops.
+
+    ``torch.max(dim)`` (not ``amax``) gives the pick values so that autograd routes the gradient to the
+    first arg-max only; the pick/mix select happens on the G-channel output, never on the input.
+    """
+    zeta = _check_zeta(zeta)
+    tau = _check_tau(tau)
+    cd = _norm_dim(_check_channel_dim(channel_dim), x.dim())
+    _check_p(x, p, zeta, cd)
+    xm = x.movedim(cd, -1)  # (N, *spatial, C)
+    c = xm.shape[-1]
+    gf, r = divmod(c, zeta)
+    maxes, means = [], []
+    if gf:
+        main = xm[..., : gf * zeta].unflatten(-1, (gf, zeta))
+        maxes.append(main.max(dim=-1).values)
+        means.append(main.mean(dim=-1))
+    if r:
+        tail = xm[..., gf * zeta :]
+        maxes.append(tail.max(dim=-1, keepdim=True).values)
+        means.append(tail.mean(dim=-1, keepdim=True))
+    mx = maxes[0] if len(maxes) == 1 else torch.cat(maxes, dim=-1)
+    mn = means[0] if len(means) == 1 else torch.cat(means, dim=-1)
+    bshape = (p.shape[0],) + (1,) * (xm.dim() - 2) + (p.shape[1],)
+    pick = (p < tau).reshape(bshape)
+    fused = torch.where(pick, mx, mn)
+    y = fused * p.to(x.dtype).reshape(bshape)
+    return y.movedim(-1, cd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# memory layouts
+#
+# Kernels work on a canonical 3-d view t = (N, C, S) of the input (S = product of the spatial dims):
+#   planar:      t is contiguous                      (contiguous NCHW, N×C×L)
+#   interleaved: t.transpose(1, 2) is contiguous      (channels_last NCHW, N×L×C, N×H×W×C)
+#   anything else is copied to planar first.
+# Outputs and input gradients are produced dense in the same layout, so a channels_last network stays
+# channels_last.  The fake kernels use the same rule, so real and fake strides agree.
+
+_PLANAR, _INTERLEAVED = 0, 1
+
+
+def _moved(x: Tensor, cd: int, to: int) -> Tensor:
+    return x if cd == to else x.movedim(cd, to)
+
+
+def _layout_of(x: Tensor, cd: int) -> int:
+    if _moved(x, cd, 1).is_contiguous():
+        return _PLANAR
+    if _moved(x, cd, x.dim() - 1).is_contiguous():
+        return _INTERLEAVED
+    return _PLANAR  # after a copy
+
+
+def _spatial_numel(shape: Any, cd: int) -> Any:
+    s = 1
+    for d in range(1, len(shape)):
+        if d != cd:
+            s = s * shape[d]
+    return s
+
+
+def _canon(x: Tensor, cd: int) -> tuple[Tensor, int]:
+    """(N, C, S) view of x (planar: contiguous; interleaved: transposed-contiguous) and its layout.
+    Copies only an input that is neither."""
+    n, c = x.shape[0], x.shape[cd]
+    s = _spatial_numel(x.shape, cd)
+    xm = _moved(x, cd, 1)
+    if xm.is_contiguous():
+        return xm.view(n, c, s), _PLANAR
+    xl = _moved(x, cd, x.dim() - 1)
+    if xl.is_contiguous():
+        return xl.view(n, s, c).transpose(1, 2), _INTERLEAVED
+    return xm.contiguous().view(n, c, s), _PLANAR
+
+
+def _uncanon(t3: Tensor, shape: Any, cd: int, layout: int) -> Tensor:
+    """Inverse of :func:`_canon` for an (N, K, S) tensor dense in ``layout``: x's dimension order."""
+    nd = len(shape)
+    k = t3.shape[1]
+    sp = [shape[d] for d in range(1, nd) if d != cd]
+    if layout == _INTERLEAVED:
+        return _moved(t3.transpose(1, 2).view(shape[0], *sp, k), nd - 1, cd)
+    return _moved(t3.view(shape[0], k, *sp), 1, cd)
+
+
+def _empty_canon(ref: Tensor, n: Any, k: Any, s: Any, layout: int) -> Tensor:
+    if layout == _INTERLEAVED:
+        return ref.new_empty((n, s, k)).transpose(1, 2)
+    return ref.new_empty((n, k, s))
+
+
+def _as_layout(t3: Tensor, layout: int) -> Tensor:
+    """Make an (N, K, S) tensor dense in the given canonical layout (no copy when it already is)."""
+    if layout == _INTERLEAVED:
+        return t3.transpose(1, 2).contiguous().transpose(1, 2)
+    return t3.contiguous()
+
+
+def _group_sizes(c: int, zeta: int, device: torch.device) -> Tensor:
+    g = -(-c // zeta)
+    sizes = torch.full((g,), zeta, dtype=torch.int64, device=device)
+    if c % zeta:
+        sizes[-1] = c % zeta
+    return sizes
+
+
+def _coef(p: Tensor, pick: Tensor, c: int, zeta: int, dtype: torch.dtype) -> Tensor:
+    """(N, G) multiplier of the raw reduction: p for pick (max), p/|subset| for mix (sum)."""
+    pc = p.to(dtype)
+    r = c % zeta
+    if r == 0:
+        return torch.where(pick, pc, pc * (1.0 / zeta))
+    inv = torch.full((p.shape[1],), 1.0 / zeta, dtype=dtype, device=p.device)
+    inv[-1] = 1.0 / r
+    return torch.where(pick, pc, pc * inv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# generic kernels (any device, any dtype): two grouped reductions + an output-sized select
+
+
+def _grouped(t: Tensor, zeta: int) -> tuple[list[Tensor], list[int]]:
+    """Split (N, C, S) into (N, g, size, S) blocks of equal subset size (the main part, the tail)."""
+    c = t.shape[1]
+    gf, r = divmod(c, zeta)
+    parts, sizes = [], []
+    if gf:
+        parts.append(t[:, : gf * zeta].unflatten(1, (gf, zeta)) if r else t.unflatten(1, (gf, zeta)))
+        sizes.append(zeta)
+    if r:
+        parts.append(t[:, gf * zeta :].unsqueeze(1))
+        sizes.append(r)
+    return parts, sizes
+
+
+def _generic_forward(t: Tensor, p: Tensor, zeta: int, tau: float) -> Tensor:
+    """(N, G, S) for any (N, C, S) t: grouped amax and sum, an output-sized select, the p scale."""
+    pick = p < tau
+    coef = _coef(p, pick, t.shape[1], zeta, t.dtype)[:, :, None]
+    if zeta == 1:
+        return t * coef
+    # torch.where is not vectorised on CPU (several ns per element): for large outputs select with
+    # min/max instead and skip a reduction that no subset needs
+    cpu = t.device.type == "cpu" and t.shape[0] * t.shape[2] * pick.shape[1] >= _CPU_SELECT_MIN_NUMEL
+    res, start = [], 0
+    for blk in _grouped(t, zeta)[0]:
+        g = blk.shape[1]
+        pk = pick[:, start : start + g]
+        if cpu:
+            n_pick = int(pk.sum())
+            if n_pick == 0:
+                res.append(blk.sum(2))
+            elif n_pick == pk.numel():
+                res.append(blk.amax(2))
+            else:
+                hi, lo = _limits(pk, t.dtype)
+                res.append(_select(blk.amax(2), blk.sum(2), hi[:, :, None], lo[:, :, None]))
+        else:
+            res.append(torch.where(pk[:, :, None], blk.amax(2), blk.sum(2)))
+        start += g
+    fused = res[0] if len(res) == 1 else torch.cat(res, dim=1)
+    return fused.mul_(coef)
+
+
+def _generic_backward(g3: Tensor, t: Tensor, p: Tensor, zeta: int, tau: float) -> tuple[Tensor, Tensor]:
+    """Exact gradients with ``torch.max`` indices (first arg-max).  Returns (grad_t (N,C,S), grad_p)."""
+    pick = p < tau
+    pc = p.to(t.dtype)
+    if zeta == 1:
+        gp = (g3 * t).sum(2, dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
+        return g3 * pc[:, :, None], gp.to(p.dtype)
+    parts, sizes = _grouped(t, zeta)
+    grads, fused_all, start = [], [], 0
+    for blk, size in zip(parts, sizes):
+        g = blk.shape[1]
+        pk = pick[:, start : start + g]
+        gg = g3[:, start : start + g]
+        vals, idx = blk.max(dim=2)
+        fused = torch.where(pk[:, :, None], vals, blk.mean(2))
+        fused_all.append(fused)
+        coef = torch.where(pk, pc[:, start : start + g], pc[:, start : start + g] / size)
+        gpx = gg * coef[:, :, None]  # (N, g, S)
+        ar = torch.arange(size, device=t.device).view(1, 1, size, 1)
+        sel = (ar == idx.unsqueeze(2)) | ~pk[:, :, None, None]
+        grads.append((gpx.unsqueeze(2) * sel).flatten(1, 2) if size > 1 else gpx.unsqueeze(2).flatten(1, 2))
+        start += g
+    grad_t = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+    fused = fused_all[0] if len(fused_all) == 1 else torch.cat(fused_all, dim=1)
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    grad_p = (g3.to(acc or g3.dtype) * fused.to(acc or fused.dtype)).sum(2)
+    return grad_t, grad_p.to(p.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU fast kernels
+
+
+_FAST_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _use_fast(x: Tensor) -> bool:
+    return (
+        _FAST_CPU
+        and x.device.type == "cpu"
+        and x.dtype in _FAST_DTYPES
+        and x.numel() >= _FAST_MIN_NUMEL
+        and not x.is_quantized
+    )
+
+
+class _Static:
+    """Per (N, C, zeta, device) index tables of the planar kernels (cached; they do not depend on p).
+
+    Bag ``b = n*G + i`` (sample n, subset i) is the set of rows ``n*C + i*zeta + [0, size_i)`` of the
+    table ``t.view(N*C, S)``.
+    """
+
+    def __init__(self, n: int, c: int, zeta: int, device: torch.device):
+        self.n, self.c, self.zeta = n, c, zeta
+        self.gf, self.r = divmod(c, zeta)
+        self.g = self.gf + (1 if self.r else 0)
+        self.nb = n * self.g
+        ar = torch.arange(zeta, device=device)
+        sizes = _group_sizes(c, zeta, device).repeat(n)  # (NB,)
+        self.sizes = sizes
+        bags = torch.arange(self.nb, device=device)
+        start = (bags // self.g) * c + (bags % self.g) * zeta
+        self.bag_rows = start[:, None] + ar  # (NB, zeta), padded past the end of a short tail subset
+        self.valid = None if self.r == 0 else ar[None, :] < sizes[:, None]
+        self.full_crow = torch.arange(0, self.nb * zeta + 1, zeta, device=device)
+        # int32 CSR indices make the sparse amax kernel markedly faster
+        self.idx32 = n * c < 2**31 - 1
+        self.bag_rows32 = self.bag_rows.to(torch.int32) if self.idx32 else self.bag_rows
+        self.full_crow32 = self.full_crow.to(torch.int32) if self.idx32 else self.full_crow
+        self._inv: dict[torch.dtype, Tensor] = {}
+
+    def inv_sizes(self, dtype: torch.dtype) -> Tensor:
+        inv = self._inv.get(dtype)
+        if inv is None:
+            inv = self._inv[dtype] = (1.0 / self.sizes.to(torch.float64)).to(dtype)
+        return inv
+
+
+_STATIC_CACHE: dict[tuple, _Static] = {}
+
+
+def _static(n: int, c: int, zeta: int, device: torch.device) -> _Static:
+    key = (n, c, zeta, str(device))
+    st = _STATIC_CACHE.get(key)
+    if st is None:
+        if len(_STATIC_CACHE) >= 64:
+            _STATIC_CACHE.clear()
+        st = _STATIC_CACHE[key] = _Static(n, c, zeta, device)
+    return st
+
+
+_CSR_WARNED = False
+
+
+def _csr(crow: Tensor, col: Tensor, vals: Tensor, size: tuple[int, int]) -> Tensor:
+    global _CSR_WARNED
+    if _CSR_WARNED:
+        return torch.sparse_csr_tensor(crow, col, vals, size=size, check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns once that sparse CSR support is "beta"
+        out = torch.sparse_csr_tensor(crow, col, vals, size=size, check_invariants=False)
+    _CSR_WARNED = True
+    return out
+
+
+class _Plan:
+    """Decisions for one call of the planar kernels.
+
+    Mix bags are reduced with ``embedding_bag`` (weighted sum), pick bags with a CSR sparse-dense
+    product under the ``amax`` reduction; both read only the rows of their own bags, so the input is
+    read once in total and nothing input-sized is gathered or selected.
+    """
+
+    def __init__(self, t: Tensor, p: Tensor, zeta: int, tau: float):
+        n, c, s = t.shape
+        self.t, self.s = t, s
+        self.st = st = _static(n, c, zeta, t.device)
+        self.nb, self.g = st.nb, st.g
+        pf = p.reshape(-1)
+        self.pick = pick = pf < tau
+        pc = pf.to(t.dtype)
+        # multiplier of the fused value: p for pick, p/|subset| for mix (the mean folded in)
+        self.coef = torch.where(pick, pc, pc * st.inv_sizes(t.dtype))
+        self.pick_ids = pick.nonzero().view(-1)
+        self.n_pick = int(self.pick_ids.numel())
+        self.n_mix = self.nb - self.n_pick
+        self._mix_ids: Tensor | None = None
+
+    @property
+    def mix_ids(self) -> Tensor:
+        if self._mix_ids is None:
+            self._mix_ids = (~self.pick).nonzero().view(-1)
+        return self._mix_ids
+
+    @property
+    def table(self) -> Tensor:
+        return self.t.view(-1, self.s)
+
+    def _rows(self, ids: Tensor, weights: Tensor, int32: bool = False) -> tuple[Tensor, Tensor]:
+        """Table rows of the bags ``ids`` (concatenated in bag order) and each row's bag weight."""
+        st = self.st
+        rows = (st.bag_rows32 if int32 else st.bag_rows).index_select(0, ids)
+        w = weights.index_select(0, ids)[:, None].expand(-1, st.zeta)
+        if st.valid is None:
+            return rows.view(-1), w.reshape(-1)
+        valid = st.valid.index_select(0, ids)
+        return rows[valid], w[valid]
+
+    def mix_sums(self, weights: Tensor, all_bags: bool) -> Tensor:
+        """Weighted sums of the mix bags (weights: (NB,) per bag, t.dtype).
+
+        all_bags: output (NB, S) with zero rows for the pick bags; else compact (M, S) in mix-bag order.
+        """
+        st, ids = self.st, self.mix_ids
+        idx, psw = self._rows(ids, weights)
+        if all_bags:
+            lengths = st.sizes.masked_fill(self.pick, 0)
+            offsets = lengths.cumsum(0).sub_(lengths)
+        elif st.r == 0:
+            offsets = st.full_crow[: ids.numel()]
+        else:
+            lengths = st.sizes.index_select(0, ids)
+            offsets = lengths.cumsum(0).sub_(lengths)
+        return F.embedding_bag(idx, self.table, offsets, mode="sum", per_sample_weights=psw)
+
+    def pick_csr(self, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """(P, N*C) CSR matrix selecting the rows of the pick bags, entries = the bag's weight."""
+        st, ids = self.st, self.pick_ids
+        col, vals = self._rows(ids, weights, int32=st.idx32)
+        k = ids.numel()
+        if st.r == 0:
+            crow = st.full_crow32[: k + 1]
+        else:
+            crow = torch.zeros(k + 1, dtype=col.dtype, device=ids.device)
+            torch.cumsum(st.sizes.index_select(0, ids), 0, dtype=col.dtype, out=crow[1:])
+        return _csr(crow, col, vals, (k, st.n * st.c)), col
+
+    def pick_maxima(self, weights: Tensor) -> Tensor:
+        """(P, S): weight · max over each pick bag (weights >= 0, so max(w·x) == w·max(x) exactly)."""
+        a, _ = self.pick_csr(weights)
+        return torch.ops.aten._sparse_mm_reduce_impl(a, self.table, "amax")[0]
+
+    def pick_argmax(self) -> tuple[Tensor, Tensor]:
+        """(P, S) maxima of the pick bags and, per pixel, the CSR position of the first arg-max."""
+        a, _ = self.pick_csr(torch.ones(self.nb, dtype=self.t.dtype, device=self.t.device))
+        with torch.enable_grad():
+            # the reduction kernel records arg-max positions (first on ties) only for a dense input that
+            # requires grad; the tiny autograd node it creates is dropped with the result
+            dense = self.table.detach().requires_grad_(True)
+            m, arg = torch.ops.aten._sparse_mm_reduce_impl(a, dense, "amax")
+        return m.detach(), arg
+
+    def pick_rows(self, arg: Tensor) -> Tensor:
+        """Table rows of the CSR positions ``arg`` (from :meth:`pick_argmax`; consumed)."""
+        ids = self.pick_ids
+        if self.st.r == 0:
+            # position j = k*zeta + member of the k-th pick bag  ->  row ids[k]*zeta + member
+            delta = (ids - torch.arange(ids.numel(), device=ids.device)) * self.st.zeta
+            return arg.add_(delta[:, None])
+        col, _ = self._rows(ids, self.coef)
+        return col[arg]
+
+    def put_mix(self, grad: Tensor, ids: Tensor, vals: Tensor) -> None:
+        """grad (N*C, S): every member row of bag ids[k] gets vals[k] (K, S)."""
+        st = self.st
+        if st.r == 0:
+            grad.view(self.nb, st.zeta, self.s).index_put_((ids,), vals.unsqueeze(1))
+        else:
+            rows, src = self._rows(ids, torch.arange(self.nb, device=ids.device))
+            # src holds bag ids; map them to positions in ``ids``
+            pos = torch.empty(self.nb, dtype=torch.int64, device=ids.device)
+            pos[ids] = torch.arange(ids.numel(), device=ids.device)
+            grad.index_put_((rows,), vals.index_select(0, pos[src]))
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products of two (K, S) tensors, accumulated in at least float32."""
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    return torch.linalg.vecdot(a, b)
+
+
+def _planar_forward(t: Tensor, p: Tensor, zeta: int, tau: float) -> Tensor:
+    """t (N, C, S) contiguous -> (N, G, S) contiguous."""
+    plan = _Plan(t, p, zeta, tau)
+    if plan.n_pick == 0:
+        out = plan.mix_sums(plan.coef, all_bags=True)
+    elif plan.n_mix == 0:
+        out = plan.pick_maxima(plan.coef)
+    else:
+        out = plan.mix_sums(plan.coef, all_bags=True)
+        out.index_put_((plan.pick_ids,), plan.pick_maxima(plan.coef))
+    return out.view(plan.st.n, plan.g, plan.s)
+
+
+def _planar_backward(g3: Tensor, t: Tensor, p: Tensor, zeta: int, tau: float) -> tuple[Tensor, Tensor]:
+    """Returns (grad_t (N, C, S) contiguous, grad_p (N, G)).
+
+    dp: mix bags dot g with their means (embedding_bag), pick bags with their maxima (sparse amax).
+    dx: mix bags broadcast p·g/|subset| to their members; pick bags send p·g to the first arg-max,
+    whose position the sparse amax kernel records, with one scatter.
+    """
+    plan = _Plan(t, p, zeta, tau)
+    st = plan.st
+    nb, s = plan.nb, plan.s
+    g2 = g3.reshape(nb, s)
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    grad_p = torch.empty(nb, dtype=acc, device=t.device)
+    # every row is written by the mix part or is a pick row that is zero except at its arg-max
+    grad = (torch.zeros if plan.n_pick else torch.empty)((st.n * st.c, s), dtype=t.dtype, device=t.device)
+    if plan.n_mix:
+        ids = plan.mix_ids
+        gm = torch.index_select(g2, 0, ids, out=g2.new_empty((ids.numel(), s)))
+        means = plan.mix_sums(st.inv_sizes(t.dtype), all_bags=False)
+        grad_p[ids] = _rowdot(gm, means)
+        plan.put_mix(grad, ids, gm.mul_(plan.coef[ids][:, None]))  # p·g/|subset| to every member
+    if plan.n_pick:
+        ids = plan.pick_ids
+        m, arg = plan.pick_argmax()
+        gp = torch.index_select(g2, 0, ids, out=g2.new_empty((ids.numel(), s)))
+        grad_p[ids] = _rowdot(gp, m)
+        grad.scatter_(0, plan.pick_rows(arg), gp.mul_(plan.coef[ids][:, None]))  # p·g to the first arg-max
+    return grad.view(st.n, st.c, s), grad_p.view(st.n, st.g).to(p.dtype)
+
+
+_BLOCK_SUM: dict[tuple, Tensor] = {}
+
+
+def _block_sum_matrix(zeta: int, dtype: torch.dtype, device: torch.device, block: int) -> Tensor:
+    key = (zeta, dtype, str(device), block)
+    w = _BLOCK_SUM.get(key)
+    if w is None:
+        w = _BLOCK_SUM[key] = torch.block_diag(*([torch.ones(zeta, 1, dtype=dtype, device=device)] * block))
+    return w
+
+
+def _interleaved_sums(u: Tensor, zeta: int) -> Tensor:
+    """u (N, S, C) contiguous -> subset sums (N, S, G)."""
+    n, s, c = u.shape
+    gf, r = divmod(c, zeta)
+    parts = []
+    if gf:
+        main = u[..., : gf * zeta]
+        if u.dtype in (torch.float32, torch.float64):
+            # times a block-diagonal ones matrix: one read of u, vectorised by the BLAS
+            block = next(b for b in (8, 4, 2, 1) if gf % b == 0)
+            w = _block_sum_matrix(zeta, u.dtype, u.device, block)
+            parts.append((main.reshape(-1, block * zeta) @ w).view(n, s, gf))
+        else:  # reduced precision: accumulate in float32
+            parts.append(main.unflatten(-1, (gf, zeta)).sum(-1))
+    if r:
+        parts.append(u[..., gf * zeta :].sum(-1, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _interleaved_max(u: Tensor, zeta: int) -> Tensor:
+    """u (N, S, C) contiguous -> subset maxima (N, S, G); ceil_mode gives the short last subset."""
+    n, s, c = u.shape
+    return F.max_pool1d(u.reshape(n * s, 1, c), zeta, zeta, ceil_mode=True).view(n, s, -1)
+
+
+def _limits(pick: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Bounds for :func:`_select`, shaped like ``pick``: hi = +inf on pick / -inf on mix, lo the opposite."""
+    inf = torch.full(pick.shape, float("inf"), dtype=dtype, device=pick.device)
+    hi = torch.where(pick, inf, -inf)
+    return hi, -hi
+
+
+def _select(mx: Tensor, sm: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
+    """Per (sample, subset): mx where pick else sm -- exact (also for ±inf), and, unlike torch.where,
+    vectorised on CPU: max(min(mx, hi), min(sm, lo)).  Overwrites and returns ``mx``."""
+    torch.minimum(mx, hi, out=mx)
+    torch.minimum(sm, lo, out=sm)
+    return torch.maximum(mx, sm, out=mx)
+
+
+def _interleaved_forward(t: Tensor, p: Tensor, zeta: int, tau: float) -> Tensor:
+    """t (N, C, S) with t.transpose(1, 2) contiguous -> out (N, G, S) in the same layout."""
+    u = t.transpose(1, 2)
+    n, s, c = u.shape
+    pick = p < tau
+    coef = _coef(p, pick, c, zeta, u.dtype)[:, None, :]
+    n_pick = int(pick.sum())
+    if n_pick == 0:
+        fused = _interleaved_sums(u, zeta)
+    elif n_pick == pick.numel():
+        fused = _interleaved_max(u, zeta)
+    else:
+        hi, lo = _limits(pick, u.dtype)
+        fused = _select(_interleaved_max(u, zeta), _interleaved_sums(u, zeta), hi[:, None, :], lo[:, None, :])
+    return fused.mul_(coef).transpose(1, 2)
+
+
+def _interleaved_backward(g3: Tensor, t: Tensor, p: Tensor, zeta: int, tau: float) -> tuple[Tensor, Tensor]:
+    """Exact gradients for the interleaved layout (same rules as the planar kernel)."""
+    u = t.transpose(1, 2)  # (N, S, C) contiguous
+    gu = g3.transpose(1, 2)  # (N, S, G) contiguous
+    n, s, c = u.shape
+    dt = u.dtype
+    pick = p < tau
+    any_pick = bool(pick.any())
+    coef = _coef(p, pick, c, zeta, dt)  # (N, G)
+    hi, lo = _limits(pick, dt)
+    hi, lo = hi[:, None, :], lo[:, None, :]
+    mx = _interleaved_max(u, zeta) if any_pick else None
+    sm = _interleaved_sums(u, zeta) if not bool(pick.all()) else None
+    if mx is None:
+        fused = sm
+    elif sm is None:
+        fused = mx
+    else:
+        fused = _select(mx.clone(), sm, hi, lo)
+    acc = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+    # dp = sum_s g * fused, where fused is max (pick) or sum/|subset| (mix)
+    unit = _coef(torch.ones_like(p), pick, c, zeta, acc)  # 1 for pick, 1/|subset| for mix
+    grad_p = torch.linalg.vecdot(gu.to(acc), fused.to(acc), dim=1) * unit
+    vals = gu * coef[:, None, :]  # (N, S, G)
+    grad = torch.empty_like(u)
+    gf, r = divmod(c, zeta)
+    if not any_pick:  # every member of every subset gets p·g/|subset|
+        if gf:
+            grad[..., : gf * zeta].unflatten(-1, (gf, zeta)).copy_(vals[..., :gf, None].expand(n, s, gf, zeta))
+        if r:
+            grad[..., gf * zeta :].copy_(vals[..., gf:].expand(n, s, r))
+        return grad.transpose(1, 2), grad_p.to(p.dtype)
+    thr = torch.minimum(mx, hi)  # the max for pick subsets, -inf (every member matches) for mix
+    mixb = (~pick)[:, None, :]
+    blocks = []
+    if gf:
+        blocks.append((slice(0, gf), zeta, grad[..., : gf * zeta].unflatten(-1, (gf, zeta)),
+                       u[..., : gf * zeta].unflatten(-1, (gf, zeta))))
+    if r:
+        blocks.append((slice(gf, gf + 1), r, grad[..., gf * zeta :].unsqueeze(-2), u[..., gf * zeta :].unsqueeze(-2)))
+    for gsl, size, gblk, ublk in blocks:
+        tb, vb, mb = thr[..., gsl], vals[..., gsl], mixb[..., gsl]
+        avail = None
+        for k in range(size):
+            sel = torch.ge(ublk[..., k], tb)  # == max for pick members, always for mix members
+            if avail is not None:
+                sel.logical_and_(avail)
+            if k + 1 < size:  # pick subsets: only the first member at the max
+                avail = sel.logical_not() if avail is None else avail.logical_xor_(sel)
+                avail.logical_or_(mb)
+            torch.mul(vb, sel, out=gblk[..., k])
+    return grad.transpose(1, 2), grad_p.to(p.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dispatch inside the custom ops
+
+
+def _forward_impl(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int) -> Tensor:
+    cd = _norm_dim(channel_dim, x.dim())
+    x = x.detach()
+    p = p.detach()
+    t, layout = _canon(x, cd)
+    if zeta > 1 and _use_fast(x):
+        if layout == _PLANAR:
+            out3 = _planar_forward(t, p, zeta, tau)
+        else:
+            out3 = _interleaved_forward(t, p, zeta, tau)
+    else:
+        out3 = _as_layout(_generic_forward(t, p, zeta, tau), layout)
+    return _uncanon(out3, x.shape, cd, layout)
+
+
+def _backward_impl(
+    grad: Tensor, x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int
+) -> tuple[Tensor, Tensor]:
+    cd = _norm_dim(channel_dim, x.dim())
+    x, p, grad = x.detach(), p.detach(), grad.detach()
+    t, layout = _canon(x, cd)
+    g3 = _as_layout(_canon(grad, cd)[0], layout)
+    if zeta > 1 and _use_fast(x):
+        if layout == _PLANAR:
+            gt, gp = _planar_backward(g3, t, p, zeta, tau)
+        else:
+            gt, gp = _interleaved_backward(g3, t, p, zeta, tau)
+    else:
+        gt, gp = _generic_backward(g3, t, p, zeta, tau)
+    return _uncanon(_as_layout(gt, layout), x.shape, cd, layout), gp.to(p.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("pixify::pick_or_mix", mutates_args=())
+def _pick_or_mix_op(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int) -> Tensor:
+    return _forward_impl(x, p, zeta, tau, channel_dim)
+
+
+@_pick_or_mix_op.register_fake
+def _(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int) -> Tensor:
+    cd = _norm_dim(channel_dim, x.dim())
+    layout = _layout_of(x, cd)
+    g = -(-x.shape[cd] // zeta)
+    out3 = _empty_canon(x, x.shape[0], g, _spatial_numel(x.shape, cd), layout)
+    return _uncanon(out3, x.shape, cd, layout)
+
+
+@torch.library.custom_op("pixify::pick_or_mix_backward", mutates_args=())
+def _pick_or_mix_backward_op(
+    grad: Tensor, x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int
+) -> tuple[Tensor, Tensor]:
+    return _backward_impl(grad, x, p, zeta, tau, channel_dim)
+
+
+@_pick_or_mix_backward_op.register_fake
+def _(grad: Tensor, x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int) -> tuple[Tensor, Tensor]:
+    cd = _norm_dim(channel_dim, x.dim())
+    layout = _layout_of(x, cd)
+    gt = _empty_canon(x, x.shape[0], x.shape[cd], _spatial_numel(x.shape, cd), layout)
+    return _uncanon(gt, x.shape, cd, layout), p.new_empty(p.shape)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x, p, zeta, tau, channel_dim = inputs
+    ctx.save_for_backward(x, p)
+    ctx.zeta, ctx.tau, ctx.channel_dim = zeta, tau, channel_dim
+
+
+def _backward(ctx: Any, grad: Tensor):
+    x, p = ctx.saved_tensors
+    gx, gp = torch.ops.pixify.pick_or_mix_backward(grad, x, p, ctx.zeta, ctx.tau, ctx.channel_dim)
+    return (
+        gx if ctx.needs_input_grad[0] else None,
+        gp if ctx.needs_input_grad[1] else None,
+        None,
+        None,
+        None,
+    )
+
+
+_pick_or_mix_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public functional API
+
+
+def pick_or_mix(x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channel_dim: int = 1) -> Tensor:
+    """The fused pick-or-mix step given the probabilities ``p`` (N×G).
+
+    Runs the ``pixify::pick_or_mix`` custom op (fastest exact kernel for the device/layout), or the
+    reference path inside :func:`reference_mode`.
+    """
+    zeta = _check_zeta(zeta)
+    tau = _check_tau(tau)
+    channel_dim = _check_channel_dim(channel_dim)
+    _check_p(x, p, zeta, _norm_dim(channel_dim, x.dim()))
+    if _reference_active():
+        return pick_or_mix_reference(x, p, zeta, tau, channel_dim)
+    return torch.ops.pixify.pick_or_mix(x, p, zeta, tau, channel_dim)
+
+
+def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int = 1) -> Tensor:
+    """The full PiX operator: global mean pooling, ``p = sigmoid(z @ weight.T)``, pick-or-mix.
+
+    ``weight`` is φ with shape (G, C).  φ runs in ``weight``'s dtype (the pooled context is cast to it).
+    """
+    zeta = _check_zeta(zeta)
+    tau = _check_tau(tau)
+    channel_dim = _check_channel_dim(channel_dim)
+    cd = _norm_dim(channel_dim, x.dim())
+    c = x.shape[cd]
+    g = -(-c // zeta)
+    if weight.dim() != 2 or weight.shape[0] != g or weight.shape[1] != c:
+        raise PixArgumentError(
+            f"weight must have shape (G, C) = ({g}, {c}) for {c} input channels and zeta={zeta}, "
+            f"got {tuple(weight.shape)}"
+        )
+    dims = [d for d in range(1, x.dim()) if d != cd]
+    z = x.mean(dim=dims) if dims else x
+    p = torch.sigmoid(F.linear(z.to(weight.dtype), weight))
+    return pick_or_mix(x, p, zeta, tau, channel_dim)
+
+
+# fx: keep pix / pick_or_mix as single call_function nodes when tracing modules that call them here.
+torch.fx.wrap("pix")
+torch.fx.wrap("pick_or_mix")
+
+
+class PiX(nn.Module):
+    """Pick-or-Mix: ``channels`` -> ``ceil(channels / zeta)`` channels with a (G, C) weight φ.
+
+    ``reset_parameters`` initialises φ to **zero**: then ``p = sigmoid(0) = 0.5 = tau`` for every
+    sample and subset, so every subset *mixes* -- a deterministic start equal to ``0.5 · mean``, which the
+    rewriter compensates for by folding a scale of ``1 / 0.5`` into the following layer.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        zeta: int,
+        tau: float = 0.5,
+        channel_dim: int = 1,
+        *,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.channels = _check_channels(channels)
+        self.zeta = _check_zeta(zeta)
+        self.tau = _check_tau(tau)
+        self.channel_dim = _check_channel_dim(channel_dim)
+        self.groups = -(-self.channels // self.zeta)
+        self.out_channels = self.groups
+        self.weight = nn.Parameter(torch.empty(self.groups, self.channels, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero φ: p = 0.5 = tau, every subset mixes (see the class docstring)."""
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, out_channels={self.out_channels}, zeta={self.zeta}, "
+            f"tau={self.tau}, channel_dim={self.channel_dim}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return pix(x, self.weight, self.zeta, self.tau, self.channel_dim)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOP counting / decompositions
+
+
+def _pick_or_mix_flops(x_shape, p_shape, zeta, tau, channel_dim, *args, out_shape=None, **kwargs) -> int:
+    # one compare-or-add per input element, counted as one MAC = 2 FLOPs
+    return 2 * math.prod(x_shape)
+
+
+def _pick_or_mix_backward_flops(g_shape, x_shape, p_shape, zeta, tau, channel_dim, *args, out_shape=None, **kwargs) -> int:
+    # one compare-or-scale per input element (the input gradient), counted like the forward
+    return 2 * math.prod(x_shape)
+
+
+def pix_flop_formulas() -> dict:
+    """``custom_mapping`` for :class:`torch.utils.flop_counter.FlopCounterMode`.
+
+    Keys are the ``pixify::pick_or_mix`` / ``pixify::pick_or_mix_backward`` overload packets (what the
+    counter looks up) and their ``.default`` overloads.  The pick-or-mix step counts ``2 · numel(x)`` FLOPs (one MAC per input element), forward and
+    backward; φ is an ordinary matmul that the counter already counts.
+    """
+    # FlopCounterMode looks formulas up by overload *packet*; the overloads are listed as well so that
+    # the counter never tries to decompose the ops.
+    fwd, bwd = torch.ops.pixify.pick_or_mix, torch.ops.pixify.pick_or_mix_backward
+    return {
+        fwd: _pick_or_mix_flops,
+        fwd.default: _pick_or_mix_flops,
+        bwd: _pick_or_mix_backward_flops,
+        bwd.default: _pick_or_mix_backward_flops,
+    }
+
+
+def _pick_or_mix_decomposition(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int) -> Tensor:
+    return pick_or_mix_reference(x, p, zeta, tau, channel_dim)
+
+
+def pix_decompositions() -> dict:
+    """Decomposition table replacing ``pixify::pick_or_mix`` by the reference ops, e.g.
+    ``torch.export.export(m, args).run_decompositions(pix_decompositions())`` before ONNX export."""
+    return {torch.ops.pixify.pick_or_mix.default: _pick_or_mix_decomposition}

@@ -1,0 +1,475 @@
+"""The PiX operator (pixify/ops.py): semantics against a loop oracle written from SPEC §2, the fast
+kernels against the reference path, gradients, tracing/compile/export, FLOPs and argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pixify import ops
+from pixify.ops import PiX, pick_or_mix, pick_or_mix_reference, pix, pix_groups, reference_mode
+
+
+# ----------------------------------------------------------------------------------------------- oracle
+
+
+def oracle(x, p, zeta, tau, channel_dim, g=None):
+    """SPEC §2 written as loops over (n, i), in float64.  Returns y and, with g, (grad_x, grad_p)."""
+    cd = channel_dim % x.dim()
+    xm = x.detach().double().movedim(cd, -1)  # (N, *spatial, C)
+    n_, c = xm.shape[0], xm.shape[-1]
+    groups = -(-c // zeta)
+    p64 = p.detach().double()
+    y = torch.zeros(*xm.shape[:-1], groups, dtype=torch.float64)
+    gm = None if g is None else g.detach().double().movedim(cd, -1)
+    gx = torch.zeros_like(xm)
+    gp = torch.zeros(n_, groups, dtype=torch.float64)
+    for n in range(n_):
+        for i in range(groups):
+            lo, hi = i * zeta, min(i * zeta + zeta, c)
+            sub = xm[n, ..., lo:hi].reshape(-1, hi - lo)  # (pixels, |subset|)
+            if p64[n, i] < tau:  # pick
+                fused = torch.empty(sub.shape[0], dtype=torch.float64)
+                first = torch.empty(sub.shape[0], dtype=torch.long)
+                for s in range(sub.shape[0]):
+                    best = 0
+                    for k in range(1, hi - lo):
+                        if sub[s, k] > sub[s, best]:
+                            best = k
+                    first[s] = best
+                    fused[s] = sub[s, best]
+            else:  # mix
+                fused = sub.sum(1) / (hi - lo)
+            y[n, ..., i] = (p64[n, i] * fused).reshape(y[n, ..., i].shape)
+            if g is not None:
+                gg = gm[n, ..., i].reshape(-1)
+                gp[n, i] = (gg * fused).sum()
+                gsub = torch.zeros_like(sub)
+                if p64[n, i] < tau:
+                    gsub[torch.arange(sub.shape[0]), first] = p64[n, i] * gg
+                else:
+                    gsub[:] = (p64[n, i] * gg / (hi - lo))[:, None]
+                gx[n, ..., lo:hi] = gsub.reshape(gx[n, ..., lo:hi].shape)
+    y = y.movedim(-1, cd)
+    if g is None:
+        return y
+    return y, gx.movedim(-1, cd), gp
+
+
+def make_x(shape, layout, kind="randn", cd=1, dtype=torch.float32):
+    if kind == "randn":
+        x = torch.randn(shape)
+    elif kind == "int":  # many exact ties, including all-equal subsets
+        x = torch.randint(-2, 3, shape).float()
+    elif kind == "relu":  # ties at zero
+        x = torch.randn(shape).relu()
+    elif kind == "repeat":  # channel 1 repeats channel 0 (a tie inside the first subset everywhere)
+        x = torch.randn(shape)
+        x.select(cd, 1).copy_(x.select(cd, 0))
+    else:
+        raise AssertionError(kind)
+    x = x.to(dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "noncontig":  # a strided view: neither planar nor interleaved
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    return x
+
+
+def make_p(n, groups, tau=0.5, dtype=torch.float32):
+    """Random probabilities with both decisions present and none within 0.05 of tau."""
+    low = 0.01 + torch.rand(n, groups) * (tau - 0.06)
+    high = tau + 0.05 + torch.rand(n, groups) * (0.94 - tau)
+    p = torch.where(torch.rand(n, groups) < 0.5, low, high)
+    p.view(-1)[0] = low.view(-1)[0]  # at least one pick
+    p.view(-1)[-1] = high.view(-1)[-1]  # at least one mix
+    return p.to(dtype)
+
+
+@pytest.fixture
+def fast_everywhere(monkeypatch):
+    """Use the CPU fast kernels even for the tiny test tensors."""
+    monkeypatch.setattr(ops, "_FAST_MIN_NUMEL", 0)
+
+
+# fast: the CPU kernels (planar / interleaved); generic: the device-independent code (what CUDA runs),
+# generic_select: its CPU variant for large outputs; reference: the plain-PyTorch reference path
+PATHS = ["fast", "generic", "generic_select", "reference"]
+
+
+def run_path(path, x, p, zeta, tau, cd):
+    if path == "reference":
+        return pick_or_mix_reference(x, p, zeta, tau, cd)
+    old = ops._CPU_SELECT_MIN_NUMEL
+    ops._CPU_SELECT_MIN_NUMEL = 0 if path == "generic_select" else 1 << 62
+    try:
+        with ops._fast_paths(path == "fast"):
+            return pick_or_mix(x, p, zeta, tau, cd)
+    finally:
+        ops._CPU_SELECT_MIN_NUMEL = old
+
+
+CASES = [
+    # (shape, zeta, channel_dim, layout)
+    ((2, 8, 5, 6), 4, 1, "contig"),
+    ((2, 10, 5, 7), 3, 1, "contig"),  # C not divisible: last subset has 1 channel
+    ((2, 7, 4, 5), 4, 1, "contig"),  # last subset has 3 channels
+    ((2, 10, 5, 7), 3, 1, "cl"),
+    ((3, 7, 4, 5), 4, 1, "cl"),
+    ((1, 12, 3, 4), 3, 1, "contig"),  # batch 1
+    ((1, 12, 3, 4), 3, 1, "cl"),
+    ((2, 6, 5, 5), 1, 1, "contig"),  # zeta = 1: the gate p·x
+    ((2, 6, 5, 5), 1, 1, "cl"),
+    ((2, 9, 10), 2, -1, "contig"),  # token layout N×L×C
+    ((1, 5, 12), 5, -1, "contig"),
+    ((2, 3, 4, 10), 4, -1, "contig"),  # N×H×W×C
+    ((2, 6, 4, 5), 3, 1, "noncontig"),
+    ((2, 3, 4, 4), 5, 1, "contig"),  # zeta > C: one short subset
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-z{c[1]}-cd{c[2]}-{c[3]}")
+@pytest.mark.parametrize("kind", ["randn", "int"])
+def test_against_oracle(fast_everywhere, path, case, kind):
+    shape, zeta, cd, layout = case
+    x = make_x(shape, layout, kind, cd).requires_grad_()
+    c = shape[cd]
+    groups = pix_groups(c, zeta)
+    p = make_p(shape[0], groups).requires_grad_()
+    y = run_path(path, x, p, zeta, 0.5, cd)
+    g = torch.randn(y.shape)
+    y_o, gx_o, gp_o = oracle(x, p, zeta, 0.5, cd, g)
+    assert y.shape == y_o.shape
+    assert y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), y_o, rtol=1e-5, atol=1e-6)
+    gx, gp = torch.autograd.grad(y, (x, p), g)
+    torch.testing.assert_close(gx.double(), gx_o, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gp.double(), gp_o, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+@pytest.mark.parametrize("kind", ["int", "relu", "repeat"])
+def test_ties_route_to_first_channel(fast_everywhere, path, layout, kind):
+    x = make_x((2, 10, 6, 6), layout, kind).requires_grad_()
+    p = torch.full((2, 4), 0.25).requires_grad_()  # everything picks
+    y = run_path(path, x, p, 3, 0.5, 1)
+    g = torch.rand(y.shape) + 0.5
+    _, gx_o, gp_o = oracle(x, p, 3, 0.5, 1, g)
+    gx, gp = torch.autograd.grad(y, (x, p), g)
+    # every pick subset sends its whole gradient to exactly one channel per pixel
+    nonzero_per_subset = (gx[:, :9].reshape(2, 3, 3, 6, 6) != 0).sum(2)
+    assert int(nonzero_per_subset.max()) == 1
+    torch.testing.assert_close(gx.double(), gx_o, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gp.double(), gp_o, rtol=1e-5, atol=1e-5)
+    if kind == "repeat":  # channel 0 always wins the tie with channel 1
+        assert torch.all(gx[:, 1] == 0)
+
+
+def test_mix_gradient_divides_by_true_subset_size(fast_everywhere):
+    x = torch.randn(1, 7, 3, 3, requires_grad=True)
+    p = torch.full((1, 2), 0.8)  # mix; subsets of 4 and 3 channels
+    y = pick_or_mix(x, p, 4)
+    torch.testing.assert_close(y[0, 1], 0.8 * x[0, 4:].mean(0))
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(gx[0, :4], torch.full((4, 3, 3), 0.8 / 4))
+    torch.testing.assert_close(gx[0, 4:], torch.full((3, 3, 3), 0.8 / 3))
+
+
+def test_zeta_one_is_the_gate():
+    x = torch.randn(2, 5, 4, 4)
+    p = torch.rand(2, 5)
+    torch.testing.assert_close(pick_or_mix(x, p, 1), x * p[:, :, None, None])
+
+
+def test_threshold_is_strict_for_pick():
+    x = torch.tensor([[[1.0], [3.0]]])  # N=1, C=2, L=1
+    assert pick_or_mix(x, torch.tensor([[0.5]]), 2, 0.5).item() == pytest.approx(0.5 * 2.0)  # p == tau: mix
+    assert pick_or_mix(x, torch.tensor([[0.49]]), 2, 0.5).item() == pytest.approx(0.49 * 3.0)  # pick
+    assert pick_or_mix(x, torch.tensor([[0.3]]), 2, 0.25).item() == pytest.approx(0.3 * 2.0)  # other tau
+
+
+# ------------------------------------------------------------------------------------ fast == reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+@pytest.mark.parametrize("channels,zeta", [(32, 4), (30, 4), (27, 2)])
+def test_fast_equals_reference(fast_everywhere, dtype, layout, channels, zeta):
+    x = make_x((3, channels, 24, 24), layout, "randn", dtype=dtype)
+    assert ops._use_fast(x)
+    groups = pix_groups(channels, zeta)
+    p = make_p(3, groups, dtype=torch.float32)
+    xf, pf = x.clone().requires_grad_(), p.clone().requires_grad_()
+    xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
+    y = pick_or_mix(xf, pf, zeta)
+    yr = pick_or_mix_reference(xr, pr, zeta)
+    assert y.dtype == dtype and y.shape == yr.shape
+    tol = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2)}[dtype]
+    torch.testing.assert_close(y, yr, rtol=tol[0], atol=tol[1])
+    if layout == "cl":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert y.is_contiguous()
+    g = torch.randn(y.shape).to(dtype)
+    gx, gp = torch.autograd.grad(y, (xf, pf), g)
+    gxr, gpr = torch.autograd.grad(yr, (xr, pr), g)
+    assert gx.stride() == x.stride()
+    torch.testing.assert_close(gx, gxr, rtol=tol[0], atol=tol[1])
+    # the pick gradient lands on the same channel
+    assert torch.equal(gx != 0, gxr != 0)
+    torch.testing.assert_close(gp, gpr, rtol=5 * tol[0], atol=tol[1] * 24 * 24)
+
+
+@pytest.mark.parametrize("layout", ["contig", "cl"])
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_default_dispatch_large_input(layout, fraction):
+    # above the default threshold the production dispatch takes the fast kernels; all-mix, mixed and
+    # all-pick batches take different branches in them
+    x = make_x((2, 64, 64, 66), layout)
+    assert ops._use_fast(x)
+    p = torch.where(torch.rand(2, 16) < fraction, 0.3, 0.7).requires_grad_()
+    xg = x.clone().requires_grad_()
+    y = pick_or_mix(xg, p, 4)
+    yr = pick_or_mix_reference(x, p, 4)
+    torch.testing.assert_close(y, yr)
+    g = torch.randn(y.shape)
+    gx, gp = torch.autograd.grad(y, (xg, p), g)
+    xr = x.clone().requires_grad_()
+    gxr, gpr = torch.autograd.grad(pick_or_mix_reference(xr, p, 4), (xr, p), g)
+    torch.testing.assert_close(gx, gxr)
+    torch.testing.assert_close(gp, gpr, rtol=1e-4, atol=1e-3)
+
+
+# -------------------------------------------------------------------------------------------- gradcheck
+
+
+def _far_weight(groups, channels):
+    # x is positive with mean ~1, so logits ≈ ±3: p ≈ 0.05 (pick) or 0.95 (mix), far from tau
+    sign = torch.tensor([(-1.0) ** i for i in range(groups)], dtype=torch.float64)
+    return (sign[:, None] * 3.0 / channels).expand(groups, channels).clone()
+
+
+@pytest.mark.parametrize("path", ["fast", "generic", "reference"])
+@pytest.mark.parametrize(
+    "shape,zeta,cd,layout",
+    [((2, 7, 3, 4), 3, 1, "contig"), ((2, 8, 3, 3), 4, 1, "cl"), ((2, 5, 6), 2, -1, "contig"), ((1, 4, 3, 3), 1, 1, "contig")],
+)
+def test_gradcheck_pix(fast_everywhere, path, shape, zeta, cd, layout):
+    x = (torch.rand(shape, dtype=torch.float64) + 0.5)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    c = shape[cd]
+    groups = pix_groups(c, zeta)
+    w = _far_weight(groups, c).requires_grad_()
+    p = torch.sigmoid(x.detach().mean([d for d in range(1, x.dim()) if d != cd % x.dim()]) @ w.detach().T)
+    assert (p - 0.5).abs().min() > 0.3 and (p < 0.5).any() and (p >= 0.5).any()
+
+    def fn(x, w):
+        if path == "reference":
+            with reference_mode():
+                return pix(x, w, zeta, 0.5, cd)
+        with ops._fast_paths(path == "fast"):
+            return pix(x, w, zeta, 0.5, cd)
+
+    assert torch.autograd.gradcheck(fn, (x, w), eps=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ module & pix
+
+
+def test_module_attributes_and_zero_init():
+    m = PiX(10, 3)
+    assert (m.channels, m.zeta, m.tau, m.channel_dim) == (10, 3, 0.5, 1)
+    assert m.groups == m.out_channels == 4
+    assert m.weight.shape == (4, 10) and torch.count_nonzero(m.weight) == 0
+    assert "zeta=3" in repr(m) and "out_channels=4" in repr(m)
+    x = torch.randn(2, 10, 5, 5)
+    # zero φ: p = 0.5 = tau, every subset mixes
+    y = m(x)
+    expected = torch.cat([x[:, :9].reshape(2, 3, 3, 5, 5).mean(2), x[:, 9:]], dim=1) * 0.5
+    torch.testing.assert_close(y, expected)
+
+
+def test_pix_matches_manual_composition():
+    m = PiX(12, 4)
+    nn.init.normal_(m.weight)
+    x = torch.randn(3, 12, 6, 5)
+    p = torch.sigmoid(x.mean((2, 3)) @ m.weight.T)
+    torch.testing.assert_close(m(x), pick_or_mix_reference(x, p, 4))
+    # token layout
+    mt = PiX(12, 4, channel_dim=-1)
+    mt.weight.data.copy_(m.weight.data)
+    xt = x.flatten(2).transpose(1, 2).contiguous()  # (N, L, C)
+    torch.testing.assert_close(mt(xt), m(x).flatten(2).transpose(1, 2))
+
+
+def test_pix_low_precision_input_with_fp32_weight():
+    m = PiX(16, 4)
+    nn.init.normal_(m.weight)
+    x = torch.randn(2, 16, 8, 8)
+    y = m(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), m(x), rtol=3e-2, atol=3e-2)
+
+
+def test_reference_mode_switches_path(monkeypatch):
+    calls = []
+    real = ops.pick_or_mix_reference
+    monkeypatch.setattr(ops, "pick_or_mix_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, p = torch.randn(1, 4, 2, 2), torch.rand(1, 2)
+    pick_or_mix(x, p, 2)
+    assert calls == []
+    with reference_mode():
+        with reference_mode():
+            pick_or_mix(x, p, 2)
+        pick_or_mix(x, p, 2)
+    pick_or_mix(x, p, 2)
+    assert calls == [1, 1]
+
+
+# ------------------------------------------------------------------------------ fx / compile / export
+
+
+class Tiny(nn.Module):
+    def __init__(self, zeta=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 10, 3, padding=1)
+        self.pix = PiX(10, zeta)
+        self.head = nn.Conv2d(pix_groups(10, zeta), 5, 1)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.pix.weight.copy_(torch.randn(self.pix.weight.shape, generator=g))
+
+    def forward(self, x):
+        return self.head(self.pix(torch.relu(self.conv(x))))
+
+
+def test_fx_symbolic_trace():
+    m = Tiny().eval()
+    gm = torch.fx.symbolic_trace(m)
+    pix_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.pix]
+    assert len(pix_nodes) == 1
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(gm(x), m(x))
+
+
+def test_compile_fullgraph_inductor_inference():
+    m = Tiny().eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x))
+
+
+def test_compile_fullgraph_training_matches_eager():
+    m = Tiny()
+    x = torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")
+    out_c = cm(x)
+    (gc,) = torch.autograd.grad(out_c.square().sum(), m.pix.weight)
+    out_e = m(x)
+    (ge,) = torch.autograd.grad(out_e.square().sum(), m.pix.weight)
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(gc, ge)
+    assert gc.abs().sum() > 0
+
+
+def test_torch_export():
+    m = Tiny().eval()
+    x = torch.randn(2, 3, 8, 8)
+    ep = torch.export.export(m, (x,))
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert torch.ops.pixify.pick_or_mix.default in targets
+    x2 = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(ep.module()(x2), m(x2))
+    # decomposed into standard ops
+    ep_ref = ep.run_decompositions(ops.pix_decompositions())
+    targets = {n.target for n in ep_ref.graph.nodes if n.op == "call_function"}
+    assert torch.ops.pixify.pick_or_mix.default not in targets
+    torch.testing.assert_close(ep_ref.module()(x2), m(x2))
+
+
+def test_onnx_export_reference_mode(tmp_path):
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed")
+    pytest.importorskip("onnxscript", reason="onnxscript is not installed (needed by the dynamo exporter)")
+    m = Tiny().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with reference_mode():
+        prog = torch.onnx.export(m, (x,), dynamo=True, verbose=False)
+    path = tmp_path / "pix.onnx"
+    prog.save(str(path))
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    ops_used = {n.op_type for n in model.graph.node}
+    assert {"ReduceMax", "Where", "Less"} <= ops_used
+    assert not any(n.domain == "pixify" for n in model.graph.node)
+    # the exported program computes the same thing
+    torch.testing.assert_close(prog.exported_program.module()(x), m(x))
+
+
+# ------------------------------------------------------------------------------------------------ flops
+
+
+def test_flop_formula():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = PiX(12, 4)
+    x = torch.randn(2, 12, 5, 5)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=ops.pix_flop_formulas()) as fc:
+        m(x)
+    pix_flops = 2 * x.numel()  # one compare/add per input element = 1 MAC
+    phi_flops = 2 * 2 * 12 * 3  # (N×C) @ (C×G)
+    assert fc.get_total_flops() == pix_flops + phi_flops
+    counts = fc.get_flop_counts()["Global"]
+    assert counts[torch.ops.pixify.pick_or_mix] == pix_flops
+
+
+# -------------------------------------------------------------------------------------------- bad args
+
+
+@pytest.mark.parametrize("zeta", [0, -1, 1.5, 2.0, True, "2"])
+def test_bad_zeta(zeta):
+    with pytest.raises(ValueError, match="zeta"):
+        PiX(8, zeta)
+    with pytest.raises(ValueError, match="zeta"):
+        pix_groups(8, zeta)
+    with pytest.raises(ValueError, match="zeta"):
+        pick_or_mix(torch.randn(1, 8, 2, 2), torch.rand(1, 4), zeta)
+
+
+@pytest.mark.parametrize("tau", [0, 0.0, 1, 1.2, -0.1, float("nan")])
+def test_bad_tau(tau):
+    with pytest.raises(ValueError, match="tau"):
+        PiX(8, 2, tau=tau)
+    with pytest.raises(ValueError, match="tau"):
+        pick_or_mix(torch.randn(1, 8, 2, 2), torch.rand(1, 4), 2, tau)
+
+
+def test_bad_channels_and_shapes():
+    from pixify.errors import PixifyError
+
+    with pytest.raises(ValueError, match="channels"):
+        PiX(0, 2)
+    with pytest.raises(PixifyError, match="channel_dim"):
+        PiX(8, 2, channel_dim=0)
+    with pytest.raises(ValueError, match="p must have shape"):
+        pick_or_mix(torch.randn(1, 8, 2, 2), torch.rand(1, 3), 2)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        pix(torch.randn(1, 8, 2, 2), torch.zeros(4, 7), 2)
+
+
+def test_groups():
+    assert pix_groups(256, 4) == 64
+    assert pix_groups(10, 3) == 4
+    assert pix_groups(7, 4) == 2
+    assert pix_groups(5, 1) == 5
+    assert pix_groups(3, 8) == 1
+    assert all(pix_groups(c, z) == math.ceil(c / z) for c in range(1, 40) for z in range(1, 9))
