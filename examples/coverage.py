@@ -52,10 +52,12 @@ def print_table(rows: list[dict], modes: tuple[str, ...], console: Console) -> N
         t.add_column(f"{mode}: sites", justify="right")
         t.add_column("MACs", justify="right")
         t.add_column("status")
+    t.add_column("not analysed", justify="right")
     t.add_column("s", justify="right")
     for (module, model), per_mode in by_model.items():
         cells = []
         seconds = 0.0
+        untraced = max((r["untraced"] for r in per_mode.values()), default=0)
         for mode in modes:
             r = per_mode.get(mode)
             if r is None:
@@ -64,7 +66,7 @@ def print_table(rows: list[dict], modes: tuple[str, ...], console: Console) -> N
             seconds += r["seconds"]
             sites = str(r["sites"]) + (f" (+{r['skipped']} skipped)" if r["skipped"] else "")
             cells += [sites, _fmt_ratio(r["macs_ratio"]), r["status"]]
-        t.add_row(module if module != "torchvision" else "torchvision", model, *cells, f"{seconds:.0f}")
+        t.add_row(module, model, *cells, str(untraced or ""), f"{seconds:.0f}")
     console.print(t)
 
 

@@ -98,14 +98,42 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return recipe
 
 
+def _load_weights(model: nn.Module, path: str | Path, device: str) -> None:
+    """``safetensors.torch.load_model(strict=True)``, plus the modules' state-dict versions.
+
+    A safetensors file keeps no ``_metadata`` (the per-module versions ``torch.save`` keeps), and some
+    modules refuse a state dict without theirs (torchvision's MNASNet raises "version should be set to 1
+    or 2"). The model was just built from the same architecture, so its own versions are the right ones.
+    Tied tensors, stored once by ``save_model``, are filled in under every name they go by.
+    """
+    from collections import OrderedDict
+
+    from safetensors.torch import load_file
+
+    stored = load_file(str(path), device=device)
+    own = model.state_dict()
+    state = OrderedDict(stored)
+    tied: dict[tuple, list[str]] = {}
+    for name, t in own.items():
+        if t.numel():
+            tied.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(name)
+    for names in tied.values():
+        present = [n for n in names if n in stored]
+        if present and len(present) < len(names):
+            for n in names:
+                state.setdefault(n, stored[present[0]])
+    metadata = getattr(own, "_metadata", None)
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=True)
+
+
 def load(path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the converted model stored in ``path``.
 
     ``model``: a freshly built instance of the original architecture, needed only for checkpoints made
     from a user's own module (``source.library == "custom"``).
     """
-    from safetensors.torch import load_model
-
     from .rewrite import SiteRecord, apply_sites
     from .sources import Source, rebuild
 
@@ -119,7 +147,7 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
     except (ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}: the recipe does not apply to {source.spec}: {exc}") from None
     try:
-        load_model(model, str(path), strict=True, device=str(map_location))
+        _load_weights(model, path, str(map_location))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise CheckpointError(f"{path}: the weights do not fit the rebuilt model "

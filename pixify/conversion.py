@@ -51,6 +51,11 @@ class ConversionReport:
     agreement_on: str = "example input"
     seconds: float = 0.0
 
+    @property
+    def actions(self) -> tuple[str, ...]:
+        """The site actions this report's mode can take."""
+        return ("prune", "skip") if self.mode == "prune" else ("pure", "hybrid", "skip")
+
     def count(self, action: str) -> int:
         return sum(1 for s in self.sites if s.action == action)
 
@@ -65,7 +70,7 @@ class ConversionReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "model": self.model, "mode": self.mode, "zeta": self.zeta, "tau": self.tau, "preset": self.preset,
-            "counts": {a: self.count(a) for a in ("pure", "hybrid", "prune", "skip")},
+            "counts": {a: self.count(a) for a in self.actions},
             "sites": [s.to_json() for s in self.sites],
             "near_misses": [vars(n) for n in self.near_misses],
             "untraced": [vars(u) for u in self.untraced],

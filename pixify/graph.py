@@ -20,6 +20,8 @@ concatenations) and answers whether an activation produced it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -499,15 +501,16 @@ def _match_graph(ctx: _Ctx, gm: fx.GraphModule, q: Callable[[str], str], placeho
             ok, reason, facts = _check(rule, kind, m, shape, out_shape)
             if not ok and reason is None:
                 continue
+            # the stem and the head are named as such, whatever else would keep them out
+            if _under(name, ctx.stem) and not rule.allow_stem:
+                ok, reason = False, "stem (never touched unless a rule allows it)"
+            elif _under(name, ctx.head) and not rule.allow_head:
+                ok, reason = False, "classifier head (never touched unless a rule allows it)"
             if ok and rule.input_from_act:
                 if from_act is None:
                     from_act = bool(node.args) and _from_act(node.args[0], modules, placeholder_act)
                 if not from_act:
                     ok, reason = False, "input does not come from an activation"
-            if ok and _under(name, ctx.stem) and not rule.allow_stem:
-                ok, reason = False, "stem (never touched unless a rule allows it)"
-            if ok and _under(name, ctx.head) and not rule.allow_head:
-                ok, reason = False, "classifier head (never touched unless a rule allows it)"
             if ok and calls.get(local, 0) != 1:
                 ok, reason = False, f"module is called {calls.get(local, 0)} times in forward"
             if ok and any(t == local or t.startswith(local + ".") for t in read_directly):
@@ -572,7 +575,8 @@ def _analyse_module(ctx: _Ctx, module: nn.Module, prefix: str, example: tuple[to
         if example is None:
             raise TypeError("no example input for this part (it is not called with positional tensors alone)")
         gm = trace(_Holder(module) if holder else module)
-        ShapeProp(gm).propagate(*example)
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
+            ShapeProp(gm).propagate(*example)
     except Exception as exc:  # the tracer's reason goes into the report
         reason = _short_reason(exc)
         children = [(n, c) for n, c in module.named_children() if _holds_anchor(c)]

@@ -22,10 +22,18 @@ def count_macs(model: nn.Module, example_input: Any, return_output: bool = False
     """
     was_training = model.training
     model.eval()
+    # FlopCounterMode's module tracker hooks every input that requires grad; under no_grad a view of a
+    # parameter (e.g. CaiT's expanded class token) requires grad without a grad_fn and makes it fail.
+    # Nothing needs gradients here, so the parameters stop requiring them for this one pass.
+    frozen = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in frozen:
+            p.requires_grad_(False)
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=pix_flop_formulas()) as counter:
             out = _call(model, example_input)
     finally:
+        for p in frozen:
+            p.requires_grad_(True)
         model.train(was_training)
     macs = int(counter.get_total_flops()) // 2
     return (macs, out) if return_output else macs

@@ -18,22 +18,29 @@ threshold.
 Implementation layout
 ---------------------
 * ``pixify::pick_or_mix`` and ``pixify::pick_or_mix_backward`` are ``torch.library`` custom ops (fake
-  kernels for compile/export, autograd registered), so fx / ``torch.compile(fullgraph=True)`` /
-  ``torch.export`` see one opaque node.
+  kernels for compile/export, autograd registered), so ``torch.compile(fullgraph=True)`` and
+  ``torch.export`` see one opaque node; for ``torch.fx.symbolic_trace`` :func:`pix` and
+  :func:`pick_or_mix` are leaf functions (one ``call_function`` node).
 * Their kernels pick the fastest exact path at run time:
 
-  - CPU, "planar" memory (contiguous NCHW / N×C×L): every (sample, subset) is a block of contiguous
-    channel rows.  The mix subsets are summed by ``embedding_bag`` (a gather-reduce that reads only the
-    mix rows and folds ``p/|subset|`` in as per-sample weights; pick subsets are empty bags), the pick
-    subsets are gathered and reduced with ``amax`` -- so the input is read about once in total and no
-    full-size ``where`` is ever built.
+  - CPU, "planar" memory (contiguous NCHW / N×C×L) and at least ``_FAST_MIN_NUMEL`` elements: every
+    (sample, subset) is a block of contiguous channel rows of the table ``x.view(N*C, H*W)``.  The mix
+    blocks are reduced by ``embedding_bag`` (weighted sum, ``p/|subset|`` folded into the weights), the
+    pick blocks by a CSR sparse × dense product under the ``amax`` reduction (``p`` folded into the
+    sparse values; ``max(p·x) == p·max(x)`` exactly for p >= 0).  Each reads only its own rows, so the
+    input is read once in total, nothing input-sized is gathered, and no select is built at all.  The
+    backward uses the first arg-max positions that the same sparse kernel records.
   - CPU, "interleaved" memory (channels_last NCHW, N×L×C tokens): channels are innermost; the group max
-    comes from ``max_pool1d`` and the group sum from a tiny block-diagonal matmul, then an output-sized
-    select.
-  - anything else (CUDA, other layouts, tiny tensors): the generic formulation -- two grouped reductions
-    and an output-sized select (never a select over the full-size input).
+    comes from ``max_pool1d``, the group sum from a small block-diagonal matmul, then an output-sized
+    select (reads the input twice).
+  - anything else (CUDA, other dtypes, small tensors): the generic formulation -- two grouped
+    reductions and an output-sized select (never a select over the full-size input); backward with
+    ``torch.max`` indices.
 * :func:`pick_or_mix_reference` is plain differentiable PyTorch used for ONNX export and equality tests;
-  :func:`reference_mode` makes :func:`pick_or_mix` / :func:`pix` use it.
+  :func:`reference_mode` makes :func:`pick_or_mix` / :func:`pix` use it.  ``torch.onnx.export``
+  (dynamo) needs it (or :func:`pix_decompositions` applied to an ExportedProgram): the exporter has no
+  translation for the custom op.
+* Double backward (``create_graph=True`` through PiX) is not supported.
 """
 
 from __future__ import annotations
@@ -140,6 +147,12 @@ _FAST_CPU = True
 # Below this many input elements the generic code is used on CPU too (the index bookkeeping of the
 # fast kernels costs more than it saves there; measured crossover ~0.4-0.8 M elements on 2 cores).
 _FAST_MIN_NUMEL = 1 << 19
+# The generic backward needs torch.max indices, which are slow on CPU: the fast backward kernels pay
+# off much earlier than the forward ones.
+_FAST_MIN_NUMEL_BWD = 1 << 15
+# Planar forward: from this fraction of picking (sample, subset) pairs on, the sparse amax kernel
+# writes the whole output and the mix sums are put into it (else the other way round).
+_PLANAR_PICK_BASE = 0.4
 # Generic code on CPU: outputs at least this large use the min/max select instead of torch.where.
 _CPU_SELECT_MIN_NUMEL = 1 << 16
 
@@ -384,12 +397,12 @@ def _generic_backward(g3: Tensor, t: Tensor, p: Tensor, zeta: int, tau: float) -
 _FAST_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _use_fast(x: Tensor) -> bool:
+def _use_fast(x: Tensor, min_numel: int | None = None) -> bool:
     return (
         _FAST_CPU
         and x.device.type == "cpu"
         and x.dtype in _FAST_DTYPES
-        and x.numel() >= _FAST_MIN_NUMEL
+        and x.numel() >= (_FAST_MIN_NUMEL if min_numel is None else min_numel)
         and not x.is_quantized
     )
 
@@ -514,21 +527,27 @@ class _Plan:
             offsets = lengths.cumsum(0).sub_(lengths)
         return F.embedding_bag(idx, self.table, offsets, mode="sum", per_sample_weights=psw)
 
-    def pick_csr(self, weights: Tensor) -> tuple[Tensor, Tensor]:
-        """(P, N*C) CSR matrix selecting the rows of the pick bags, entries = the bag's weight."""
+    def pick_csr(self, weights: Tensor, all_bags: bool = False) -> tuple[Tensor, Tensor]:
+        """CSR matrix selecting the rows of the pick bags, entries = the bag's weight: (P, N*C), or
+        with ``all_bags`` (NB, N*C) with empty rows for the mix bags."""
         st, ids = self.st, self.pick_ids
         col, vals = self._rows(ids, weights, int32=st.idx32)
         k = ids.numel()
-        if st.r == 0:
+        if all_bags:
+            crow = torch.zeros(self.nb + 1, dtype=col.dtype, device=ids.device)
+            torch.cumsum(st.sizes.masked_fill(~self.pick, 0), 0, dtype=col.dtype, out=crow[1:])
+            k = self.nb
+        elif st.r == 0:
             crow = st.full_crow32[: k + 1]
         else:
             crow = torch.zeros(k + 1, dtype=col.dtype, device=ids.device)
             torch.cumsum(st.sizes.index_select(0, ids), 0, dtype=col.dtype, out=crow[1:])
         return _csr(crow, col, vals, (k, st.n * st.c)), col
 
-    def pick_maxima(self, weights: Tensor) -> Tensor:
-        """(P, S): weight · max over each pick bag (weights >= 0, so max(w·x) == w·max(x) exactly)."""
-        a, _ = self.pick_csr(weights)
+    def pick_maxima(self, weights: Tensor, all_bags: bool = False) -> Tensor:
+        """weight · max over each pick bag (weights >= 0, so max(w·x) == w·max(x) exactly): (P, S), or
+        (NB, S) with zero rows for the mix bags."""
+        a, _ = self.pick_csr(weights, all_bags)
         return torch.ops.aten._sparse_mm_reduce_impl(a, self.table, "amax")[0]
 
     def pick_argmax(self) -> tuple[Tensor, Tensor]:
@@ -578,6 +597,11 @@ def _planar_forward(t: Tensor, p: Tensor, zeta: int, tau: float) -> Tensor:
         out = plan.mix_sums(plan.coef, all_bags=True)
     elif plan.n_mix == 0:
         out = plan.pick_maxima(plan.coef)
+    elif plan.n_pick >= _PLANAR_PICK_BASE * plan.nb:
+        # one kernel writes every output row (zeros for the other kind), the other kind is put on top
+        # (the sparse kernel writes empty rows more cheaply than embedding_bag; the put costs per row)
+        out = plan.pick_maxima(plan.coef, all_bags=True)
+        out.index_put_((plan.mix_ids,), plan.mix_sums(plan.coef, all_bags=False))
     else:
         out = plan.mix_sums(plan.coef, all_bags=True)
         out.index_put_((plan.pick_ids,), plan.pick_maxima(plan.coef))
@@ -740,6 +764,12 @@ def _interleaved_backward(g3: Tensor, t: Tensor, p: Tensor, zeta: int, tau: floa
 # dispatch inside the custom ops
 
 
+def _own(t: Tensor) -> Tensor:
+    """The same tensor without a view ``_base``: a custom op output that autograd sees as a view
+    (of our own scratch tensor) could not be modified in place afterwards (e.g. ReLU(inplace=True))."""
+    return t.detach() if t._base is not None else t
+
+
 def _forward_impl(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int) -> Tensor:
     cd = _norm_dim(channel_dim, x.dim())
     x = x.detach()
@@ -752,7 +782,7 @@ def _forward_impl(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int)
             out3 = _interleaved_forward(t, p, zeta, tau)
     else:
         out3 = _as_layout(_generic_forward(t, p, zeta, tau), layout)
-    return _uncanon(out3, x.shape, cd, layout)
+    return _own(_uncanon(out3, x.shape, cd, layout))
 
 
 def _backward_impl(
@@ -762,14 +792,14 @@ def _backward_impl(
     x, p, grad = x.detach(), p.detach(), grad.detach()
     t, layout = _canon(x, cd)
     g3 = _as_layout(_canon(grad, cd)[0], layout)
-    if zeta > 1 and _use_fast(x):
+    if zeta > 1 and _use_fast(x, min(_FAST_MIN_NUMEL, _FAST_MIN_NUMEL_BWD)):
         if layout == _PLANAR:
             gt, gp = _planar_backward(g3, t, p, zeta, tau)
         else:
             gt, gp = _interleaved_backward(g3, t, p, zeta, tau)
     else:
         gt, gp = _generic_backward(g3, t, p, zeta, tau)
-    return _uncanon(_as_layout(gt, layout), x.shape, cd, layout), gp.to(p.dtype).contiguous()
+    return _own(_uncanon(_as_layout(gt, layout), x.shape, cd, layout)), _own(gp.to(p.dtype).contiguous())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -787,7 +817,7 @@ def _(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int) -> Tensor:
     layout = _layout_of(x, cd)
     g = -(-x.shape[cd] // zeta)
     out3 = _empty_canon(x, x.shape[0], g, _spatial_numel(x.shape, cd), layout)
-    return _uncanon(out3, x.shape, cd, layout)
+    return _own(_uncanon(out3, x.shape, cd, layout))
 
 
 @torch.library.custom_op("pixify::pick_or_mix_backward", mutates_args=())
@@ -802,7 +832,7 @@ def _(grad: Tensor, x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: in
     cd = _norm_dim(channel_dim, x.dim())
     layout = _layout_of(x, cd)
     gt = _empty_canon(x, x.shape[0], x.shape[cd], _spatial_numel(x.shape, cd), layout)
-    return _uncanon(gt, x.shape, cd, layout), p.new_empty(p.shape)
+    return _own(_uncanon(gt, x.shape, cd, layout)), p.new_empty(p.shape)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -862,7 +892,9 @@ def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int
             f"got {tuple(weight.shape)}"
         )
     dims = [d for d in range(1, x.dim()) if d != cd]
-    z = x.mean(dim=dims) if dims else x
+    # sum · (1/S) rather than mean: the sum's backward is a stride-0 view of the (N, C) gradient, so
+    # autograd adds it to the pick-or-mix input gradient without materialising another full tensor
+    z = x.sum(dim=dims) * (1.0 / _spatial_numel(x.shape, cd)) if dims else x
     p = torch.sigmoid(F.linear(z.to(weight.dtype), weight))
     return pick_or_mix(x, p, zeta, tau, channel_dim)
 

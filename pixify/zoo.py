@@ -38,10 +38,12 @@ DEFAULT_TIMEOUT_S = 240
 # Every classification model runs; these only change the input size or constructor kwargs (3×64×64 and
 # no kwargs otherwise). ViTs take their image size as a constructor argument (a multiple of the patch).
 TORCHVISION_INPUT = {
-    "inception_v3": (3, 128, 128),  # its auxiliary head (train mode) needs a 5×5 map at Mixed_6e
+    "inception_v3": (3, 128, 128),  # needs ≥ 75 px (and no auxiliary head, below)
     "maxvit_t": (3, 224, 224),  # its window partition needs every stage to be a multiple of 7
 }
 TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {
+    # the auxiliary classifier (train mode only) pools a 17×17 map with a 5×5 window: it needs 299 px
+    "inception_v3": {"aux_logits": False},
     "vit_b_16": {"image_size": 64},
     "vit_b_32": {"image_size": 64},
     "vit_l_16": {"image_size": 64},
