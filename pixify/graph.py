@@ -21,6 +21,7 @@ concatenations) and answers whether an activation produced it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import math
 import operator
@@ -207,13 +208,51 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaves):
             return True
+        if _is_act_module(m) or (type(m).__name__ in _PASS_NAMES and _scalar_only(m)):
+            return True  # elementwise modules stay one node, so that followers and prune inputs see them
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``module`` with pixify's leaf and autowrap settings (raises on failure)."""
-    graph = _Tracer().trace(module)
+def trace(module: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Symbolically trace ``module`` with pixify's leaf and autowrap settings (raises on failure).
+
+    ``concrete_args`` fixes non-tensor arguments of ``forward`` (e.g. ``mask=None``) for the trace.
+    """
+    graph = _Tracer().trace(module, concrete_args=concrete_args or None)
     return fx.GraphModule(module, graph, module.__class__.__name__)
+
+
+_CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
+def _concrete_args(module: nn.Module, n_positional: int, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The arguments of ``module.forward`` after the first ``n_positional``, fixed to their given (non-tensor)
+    value or their default, so that ``if mask is not None:`` traces the branch the model really takes.
+
+    Raises TypeError when a keyword argument is a tensor (it cannot be fixed for the trace).
+    """
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return {}
+    out: dict[str, Any] = {}
+    kwargs = dict(kwargs or {})
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if i < n_positional and p.kind != p.KEYWORD_ONLY:
+            continue
+        if p.name in kwargs:
+            value = kwargs.pop(p.name)
+            if not isinstance(value, _CONSTANT_TYPES):
+                raise TypeError(f"forward is called with '{p.name}' = a {type(value).__name__} (keyword tensors are "
+                                "not traced)")
+            out[p.name] = value
+        elif p.default is not p.empty and isinstance(p.default, _CONSTANT_TYPES):
+            out[p.name] = p.default
+    if kwargs:
+        raise TypeError(f"forward takes no argument named {', '.join(kwargs)}")
+    return out
 
 
 class _Holder(nn.Module):
@@ -303,9 +342,31 @@ def _norm_ends_with_act(m: nn.Module) -> bool:
     return isinstance(name, str) and name not in ("", "identity")
 
 
+_ACT_SUFFIXES = ("ReLU", "ReLU6", "GELU", "GELUTanh", "SiLU", "Swish", "Mish", "Hardswish", "HardSwish",
+                 "Sigmoid", "HardSigmoid", "Tanh")
+
+
+def _scalar_only(m: nn.Module) -> bool:
+    """No layers inside and no parameter but scalars (an elementwise map)."""
+    return all(p.numel() <= 1 for p in m.parameters()) and not any(_anchor_kind(c) for c in m.modules())
+
+
+def _is_act_module(m: nn.Module | None) -> bool:
+    """An activation module: a known type, or an elementwise one defined elsewhere (StarReLU, ...)."""
+    if m is None:
+        return False
+    if isinstance(m, ACT_TYPES):
+        return True
+    return type(m).__name__.endswith(_ACT_SUFFIXES) and _scalar_only(m)
+
+
+# elementwise, per-tensor affine maps that keep an activation an activation (HGNetV2's learnable affine)
+_PASS_NAMES = ("LearnableAffineBlock",)
+
+
 def _is_act_node(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), ACT_TYPES)
+        return _is_act_module(modules.get(node.target))
     if node.op == "call_function":
         return node.target in ACT_FUNCTIONS
     if node.op == "call_method":
@@ -326,7 +387,7 @@ def _from_act(node: Any, modules: dict[str, nn.Module], placeholder_act: bool, d
         m = modules.get(node.target)
         if isinstance(m, NORM_TYPES) or type(m).__name__.endswith(("NormAct", "NormAct2d", "Abn")):
             return _norm_ends_with_act(m)
-        if isinstance(m, PASS_TYPES) and node.args:
+        if (isinstance(m, PASS_TYPES) or (type(m).__name__ in _PASS_NAMES and _scalar_only(m))) and node.args:
             return nxt(node.args[0])
         return False
     if node.op == "call_function":
@@ -415,13 +476,13 @@ class _Record:
     """One forward pass of the whole model with hooks: call order, call counts and first inputs.
 
     Inputs are kept (by reference) only for modules that hold a layer, and only when a module is called
-    with positional tensors alone.
+    with positional tensors (plus, possibly, keyword arguments that are not tensors).
     """
 
     def __init__(self, model: nn.Module, example: Any):
         self.order: list[str] = []
         self.calls: dict[str, int] = {}
-        self.inputs: dict[str, tuple[torch.Tensor, ...]] = {}
+        self.inputs: dict[str, tuple[tuple[torch.Tensor, ...], dict[str, Any]]] = {}
         self.error: str | None = None
         holds = {name for name, m in model.named_modules() if _holds_anchor(m)}
         handles = []
@@ -431,9 +492,9 @@ class _Record:
                 self.calls[name] = n + 1
                 if n == 0:
                     self.order.append(name)
-                    if (name in holds and args and not kwargs
-                            and all(isinstance(a, torch.Tensor) for a in args)):
-                        self.inputs[name] = tuple(a.detach() for a in args)
+                    if (name in holds and args and all(isinstance(a, torch.Tensor) for a in args)
+                            and all(isinstance(v, _CONSTANT_TYPES) for v in kwargs.values())):
+                        self.inputs[name] = (tuple(a.detach() for a in args), dict(kwargs))
             handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             with torch.no_grad():
@@ -567,30 +628,47 @@ def _example_from_meta(nodes: Iterable[Any], like: nn.Module) -> tuple[torch.Ten
     return tuple(out)
 
 
-def _analyse_module(ctx: _Ctx, module: nn.Module, prefix: str, example: tuple[torch.Tensor, ...] | None,
+Example = tuple[tuple[torch.Tensor, ...], dict[str, Any]]
+
+
+def _analyse_children(ctx: _Ctx, module: nn.Module, prefix: str, depth: int) -> None:
+    rec = ctx.record()
+    for cname, child in module.named_children():
+        if not _holds_anchor(child):
+            continue
+        full = f"{prefix}.{cname}" if prefix else cname
+        if full in rec.calls:
+            _analyse_module(ctx, child, full, rec.inputs.get(full), False, depth + 1)
+        elif any(n == full or n.startswith(full + ".") for n in rec.calls) and depth < 12:
+            # a container the forward iterates over instead of calling (``for blk in self.blocks``)
+            _analyse_children(ctx, child, full, depth + 1)
+        else:
+            ctx.out.untraced.append(Untraced(full, "not called in forward on the example input"))
+
+
+def _analyse_module(ctx: _Ctx, module: nn.Module, prefix: str, example: Example | None,
                     placeholder_act: bool = False, depth: int = 0) -> None:
     """Trace ``module`` (qualified name ``prefix``) on ``example`` and match it; fall back to its children."""
     holder = _anchor_kind(module) is not None
     try:
         if example is None:
-            raise TypeError("no example input for this part (it is not called with positional tensors alone)")
-        gm = trace(_Holder(module) if holder else module)
+            raise TypeError("no example input for this part (it is not called with tensor arguments alone)")
+        args, kwargs = example
+        if holder:
+            if kwargs or len(args) != 1:
+                raise TypeError("a lone layer called with more than one input")
+            gm = trace(_Holder(module))
+        else:
+            gm = trace(module, _concrete_args(module, len(args), kwargs))
         with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
-            ShapeProp(gm).propagate(*example)
+            ShapeProp(gm).propagate(*args)
     except Exception as exc:  # the tracer's reason goes into the report
         reason = _short_reason(exc)
-        children = [(n, c) for n, c in module.named_children() if _holds_anchor(c)]
-        if holder or not children or depth > 12:
+        if holder or not any(_holds_anchor(c) for c in module.children()) or depth > 12:
             ctx.out.untraced.append(Untraced(prefix, reason))
             return
         ctx.out.untraced.append(Untraced(prefix, f"{reason} — its children are analysed separately"))
-        rec = ctx.record()
-        for cname, child in children:
-            full = f"{prefix}.{cname}" if prefix else cname
-            if full not in rec.calls:
-                ctx.out.untraced.append(Untraced(full, "not called in forward on the example input"))
-                continue
-            _analyse_module(ctx, child, full, rec.inputs.get(full), False, depth + 1)
+        _analyse_children(ctx, module, prefix, depth)
         return
     ctx.out.traced.append(prefix)
     q = _qualifier(prefix, holder)
@@ -618,10 +696,12 @@ def _analyse_module(ctx: _Ctx, module: nn.Module, prefix: str, example: tuple[to
                         f"{full}.{sub}", "-", f"inside torch.nn.{type(m).__name__}, which uses its layers' "
                         "weights directly", *_in_out(layer)))
             continue
-        ex = _example_from_meta(node.args, m) if node.args and not node.kwargs else None
+        ex: Example | None = None
+        if node.args and all(isinstance(v, _CONSTANT_TYPES) for v in node.kwargs.values()):
+            tensors = _example_from_meta(node.args, m)
+            ex = (tensors, dict(node.kwargs)) if tensors is not None else None
         if ex is None:
-            rec = ctx.record()
-            ex = rec.inputs.get(full)
+            ex = ctx.record().inputs.get(full)
         from_act = bool(node.args) and _from_act(node.args[0], modules, placeholder_act)
         _analyse_module(ctx, m, full, ex, from_act, depth + 1)
 
@@ -646,9 +726,9 @@ def analyse(model: nn.Module, rules: list[Rule], example_input: Any) -> Analysis
                 ctx.stem = ctx.stem or {anchors[0]}
                 ctx.head = ctx.head or {anchors[-1]}
         if isinstance(example_input, torch.Tensor):
-            example: tuple[torch.Tensor, ...] | None = (example_input,)
+            example: Example | None = ((example_input,), {})
         elif isinstance(example_input, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_input):
-            example = tuple(example_input)
+            example = (tuple(example_input), {})
         else:
             example = None
         _analyse_module(ctx, model, "", example)
