@@ -32,7 +32,7 @@ MODES = ("squeeze", "prune")
 CONVERTED, NO_SITE, EXCLUDED, FAILED, TIMEOUT = "converted", "no candidate site", "excluded", "failed", "timeout"
 OK_STATUSES = (CONVERTED, NO_SITE)
 
-DEFAULT_TIMEOUT_S = 240
+DEFAULT_TIMEOUT_S = 420  # per model (both modes); the largest (regnet_y_128gf) needs about 80 s on one core
 
 # ------------------------------------------------------------------------------------------- torchvision
 # Every classification model runs; these only change the input size or constructor kwargs (3×64×64 and
