@@ -410,18 +410,6 @@ def _data_config(model, input_size, mean, std, crop_pct, interpolation):
                                std=_floats(std, "--std"), crop_pct=crop_pct, interpolation=interpolation)
 
 
-_FT_DEFAULTS = None
-
-
-def _ft_default(name: str) -> Any:
-    global _FT_DEFAULTS
-    if _FT_DEFAULTS is None:
-        from .finetune import FinetuneConfig
-
-        _FT_DEFAULTS = FinetuneConfig()
-    return getattr(_FT_DEFAULTS, name)
-
-
 @app.command(epilog="Example: pixify finetune r50_pix.safetensors --data imagenet/train --val-data imagenet/val "
                     "--epochs 1 --out r50_ft   (torchrun --nproc-per-node 8 -m pixify.cli finetune ... for DDP)")
 def finetune(

@@ -40,6 +40,7 @@ DEFAULT_TIMEOUT_S = 420  # per model (both modes); the largest (regnet_y_128gf) 
 TORCHVISION_INPUT = {
     "inception_v3": (3, 128, 128),  # needs ≥ 75 px (and no auxiliary head, below)
     "maxvit_t": (3, 224, 224),  # its window partition needs every stage to be a multiple of 7
+    "vit_h_14": (3, 56, 56),  # image_size must be a multiple of its 14 px patch
 }
 TORCHVISION_KWARGS: dict[str, dict[str, Any]] = {
     # the auxiliary classifier (train mode only) pools a 17×17 map with a 5×5 window: it needs 299 px
