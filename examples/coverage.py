@@ -46,8 +46,8 @@ def print_table(rows: list[dict], modes: tuple[str, ...], console: Console) -> N
     for row in rows:
         by_model.setdefault((row["module"], row["model"]), {})[row["mode"]] = row
     t = Table(title="pixify coverage (random weights, small inputs)", title_justify="left")
-    t.add_column("library/module")
-    t.add_column("model", overflow="fold")
+    t.add_column("library/module", no_wrap=True)
+    t.add_column("model", no_wrap=True)
     for mode in modes:
         t.add_column(f"{mode}: sites", justify="right")
         t.add_column("MACs", justify="right")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smallest", action="store_true", help="list the smallest model of every timm module")
     ap.add_argument("--quiet", action="store_true", help="no per-model progress lines")
     args = ap.parse_args(argv)
-    console = Console(width=max(160, Console().width))
+    console = Console(width=max(190, Console().width))
     modes = tuple(args.modes)
     if args.smallest:
         smallest_per_module(console)

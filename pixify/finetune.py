@@ -272,15 +272,16 @@ def _consumer_of(model: nn.Module, pix: nn.Module, example: torch.Tensor) -> lis
 
 @torch.no_grad()
 def refit_from_teacher(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor],
-                       ridge: float = 1e-2, max_rows: int = 16384) -> list[dict[str, Any]]:
+                       ridge: float = 1e-3, max_rows: int = 16384) -> list[dict[str, Any]]:
     """Least-squares initialisation of the layers that read PiX outputs (SPEC §3.4).
 
     For every PiX module, in forward order, the Conv2d/Linear that consumes its output — the folded layer
     of a hybrid site, or the next layer after a pure site (found by following the very output tensor
     through identity modules) — gets the weights that best reproduce, over ``batches``, what the
     corresponding layer of the original computes (the original's own layer for a hybrid site, the same
-    consumer for a pure site): a ridge regression on the unfolded inputs of the converted model, so the
-    error of earlier sites is compensated downstream. φ is left at its deliberate zero start (every group
+    consumer for a pure site): a ridge regression (λ = ``ridge`` × the mean diagonal of AᵀA) on the
+    unfolded inputs of the converted model, site after site, so the error of earlier sites is compensated
+    downstream. φ is left at its deliberate zero start (every group
     mixes at p = 0.5), which is the regime the regression sees. Grouped convolutions and consumers that
     cannot be found are left alone. Returns one record per site.
     """
