@@ -100,8 +100,9 @@ def _sites_table(report, title: str) -> Table:
 def _summary(report) -> list[str]:
     a = report.agreement
     lines = [
-        f"sites: {report.count('pure')} pure, {report.count('hybrid')} hybrid, {report.count('skip')} skipped"
-        f" ({len(report.near_misses)} near-misses, {len(report.untraced)} parts not analysed)",
+        (f"sites: {report.count('prune')} prune points, {report.count('skip')} skipped" if report.mode == "prune" else
+         f"sites: {report.count('pure')} pure, {report.count('hybrid')} hybrid, {report.count('skip')} skipped")
+        + f" ({len(report.near_misses)} near-misses, {len(report.untraced)} parts not analysed)",
         f"MACs:   {_human(report.macs_before)} → {_human(report.macs_after)}  (×{report.macs_ratio:.3f})"
         f"  at input {tuple(report.input_shape)}",
         f"params: {_human(report.params_before)} → {_human(report.params_after)}  (×{report.params_ratio:.3f})"
