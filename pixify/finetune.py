@@ -58,7 +58,7 @@ class FinetuneConfig:
     epochs: int = 1  #: passes over the data (ignored when ``steps`` is set)
     steps: int | None = None  #: total optimizer steps instead of whole epochs
     batch_size: int = 128  #: per process
-    lr: float = 0.02  #: peak learning rate (for batch 128 per process)
+    lr: float = 0.05  #: peak learning rate (for batch 128 per process)
     min_lr: float = 0.0  #: learning rate at the end of the cosine
     warmup: float = 0.1  #: fraction of the steps spent in the linear warm-up
     optimizer: str = "sgd"  #: sgd (Nesterov momentum) | adamw
