@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .metrics import _call
 from .rules import Rule
 
 __all__ = ["Candidate", "NearMiss", "Untraced", "Analysis", "analyse", "example_input_for", "trace"]
@@ -504,14 +505,6 @@ class _Record:
         finally:
             for h in handles:
                 h.remove()
-
-
-def _call(model: nn.Module, example: Any) -> Any:
-    if isinstance(example, dict):
-        return model(**example)
-    if isinstance(example, (tuple, list)):
-        return model(*example)
-    return model(example)
 
 
 @dataclass
