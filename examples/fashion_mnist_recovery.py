@@ -245,13 +245,17 @@ def main() -> None:
     print(f"MACs ×{report['macs_ratio']:.3f} of the original; fine-tune budget {args.finetune_epochs}/"
           f"{args.original_epochs} = {100 * args.finetune_epochs / args.original_epochs:.0f}% of the original's "
           f"epochs; original top-1 through pixify eval's pipeline: {ev.get('teacher_top1', float('nan')):.2f}%")
+    import resource
+
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
     print(f"wall time: total {total / 60:.1f} min (data {timings['data']:.0f} s, original {timings['original']:.0f} s, "
-          f"convert {timings['convert']:.0f} s, fine-tune {timings['finetune']:.0f} s); torch threads "
-          f"{torch.get_num_threads()}")
+          f"convert {timings['convert']:.0f} s, fine-tune {timings['finetune']:.0f} s); CPU time {cpu / 60:.1f} min; "
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     gap = orig_top1 - ev["top1"]
     summary = {"original_top1": orig_top1, "converted_top1": conv_top1, "bn_top1": bn_top1, "init_top1": init_top1,
                "finetuned_top1": ev["top1"], "finetuned_agreement": ev["agreement"], "gap": gap,
-               "macs_ratio": report["macs_ratio"], "minutes": total / 60, "timings": timings}
+               "macs_ratio": report["macs_ratio"], "minutes": total / 60, "cpu_minutes": cpu / 60, "timings": timings}
     (work / f"summary_z{args.zeta}.json").write_text(json.dumps(summary, indent=2))
     print(("PASS" if gap <= 1.0 else "FAIL") + f": fine-tuned model is {gap:.2f} points below the original")
 

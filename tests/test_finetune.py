@@ -316,13 +316,19 @@ def test_bad_inputs_one_line_exit_2_nothing_written(world, tmp_path, capsys, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def test_bad_input_through_the_console_script(world, tmp_path):
+def test_bad_input_through_the_console_entry(world, tmp_path, capsys, monkeypatch):
+    """`pixify` (the console script, pixify.cli:entry) exits with status 2 and one line, no traceback."""
     root, ckpt = world
-    proc = subprocess.run([sys.executable, "-m", "pixify.cli", "finetune", str(ckpt), "--data", str(tmp_path / "nope"),
-                           "--out", str(tmp_path / "out")], env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
-    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    from pixify.cli import entry
+
+    monkeypatch.setattr(sys, "argv", ["pixify", "finetune", str(ckpt), "--data", str(tmp_path / "nope"),
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exc:
+        entry()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_run_is_not_overwritten(world, tmp_path):
