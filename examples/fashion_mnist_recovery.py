@@ -6,7 +6,8 @@
    width 16, 1 input channel, 10 classes — the registered ``resnet50`` with model kwargs, so that the pixify
    checkpoint can rebuild it (and the fine-tune its teacher) from the recipe.
 3. ``pixify convert`` (4 squeeze sites → pure PiX at ζ 4, 8, 8, 8 with ``--zeta auto``).
-4. ``pixify finetune`` for 1 epoch (20 % of the original's training) with the default settings:
+4. ``pixify finetune`` for 1 epoch (20 % of the original's training) with the default settings (the test
+   set as ``--val-data`` only to draw the curves; nothing is selected on it):
    least-squares refit of the layers fed by PiX and batch-norm re-estimation on 2,048 training images, then
    distillation (T = 4, 0.5 KD + 0.5 CE) on a cosine schedule with warm-up.
 5. ``pixify eval`` on the 10,000 test images, and a table next to the original's accuracy.
@@ -118,10 +119,14 @@ def accuracy(model, x, y, reference: torch.Tensor | None = None, batch: int = 10
     return top1, agree, out
 
 
-def pixify_cli(*args: str, env: dict[str, str]) -> str:
-    cmd = [sys.executable, "-m", "pixify.cli", *args]
-    print("$ pixify " + " ".join(args), flush=True)
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+def pixify_cli(*args: str, env: dict[str, str], show: bool = True) -> str:
+    """Run the pixify command line (as the `pixify` console script would) and return its stdout."""
+    import shlex
+
+    print("$ pixify " + shlex.join(args), flush=True)
+    proc = subprocess.run([sys.executable, "-m", "pixify.cli", *args], env=env, stdout=subprocess.PIPE, text=True)
+    if show and "--json" not in args:
+        print(proc.stdout, end="", flush=True)
     if proc.returncode != 0:
         sys.exit(f"pixify {args[0]} failed with exit code {proc.returncode}")
     return proc.stdout
@@ -182,7 +187,8 @@ def main() -> None:
 
     # ---- convert (the CLI, as a user would)
     ckpt = work / f"fmnist_pix_z{args.zeta}.safetensors"
-    model_args = [a for k, v in MODEL_KWARGS.items() for a in ("--model-arg", f"{k}={json.dumps(v)}")]
+    model_args = [a for k, v in MODEL_KWARGS.items()
+                  for a in ("--model-arg", f"{k}={json.dumps(v, separators=(',', ':'))}")]
     t = time.perf_counter()
     if not (args.reuse and ckpt.exists()):
         report = json.loads(pixify_cli("convert", MODEL, "--weights", str(weights), *model_args, "--input-size",
@@ -216,8 +222,8 @@ def main() -> None:
 
         shutil.rmtree(out)
     t = time.perf_counter()
-    pixify_cli("finetune", str(ckpt), "--data", str(work / "train"), "--epochs", str(args.finetune_epochs),
-               "--out", str(out), *args.finetune_args.split(), env=env)
+    pixify_cli("finetune", str(ckpt), "--data", str(work / "train"), "--val-data", str(work / "test"),
+               "--epochs", str(args.finetune_epochs), "--out", str(out), *args.finetune_args.split(), env=env)
     timings["finetune"] = time.perf_counter() - t
     ev = json.loads(pixify_cli("eval", str(out / "checkpoint.safetensors"), "--data", str(work / "test"), "--json",
                                env=env))

@@ -24,7 +24,16 @@ from .errors import PixifyError
 
 __all__ = ["DataSource", "prepare_data", "resolve_data_config", "create_loader", "IMAGE_EXTENSIONS"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+def _timm_extensions() -> tuple[str, ...]:
+    try:
+        from timm.data.readers.img_extensions import get_img_extensions
+
+        return tuple(sorted(get_img_extensions()))
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return (".jpeg", ".jpg", ".png")
+
+
+IMAGE_EXTENSIONS = _timm_extensions()  # what timm's folder reader picks up
 _TRAIN_SPLITS = ("train", "training")
 _EVAL_SPLITS = ("validation", "val", "valid", "eval", "evaluation", "test")
 
@@ -121,7 +130,7 @@ def prepare_data(path: str | Path, *, split: str = "train", dataset: str = "", l
     by_class: dict[str, list[str]] = {}
     for root, dirs, files in os.walk(p, followlinks=True):
         dirs.sort()
-        imgs = [os.path.join(root, f) for f in sorted(files) if _is_image(f) and not f.startswith(".")]
+        imgs = [os.path.join(root, f) for f in sorted(files) if _is_image(f)]
         if not imgs:
             continue
         rel = os.path.relpath(root, p)

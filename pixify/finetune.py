@@ -601,11 +601,10 @@ def plot_log(log_path: str | Path, png_path: str | Path) -> Path | None:
     ax1.legend()
     ax1.grid(alpha=0.3)
     plotted = False
-    for key, label in (("val_top1", "top-1 (val)"), ("val_agreement", "agreement with teacher (val)"),
-                       ("calib_agreement", "agreement with teacher (calibration)")):
+    for key, label in (("val_top1", "top-1 (val)"), ("val_agreement", "agreement with teacher (val)")):
         pts = [(r["epoch"], r[key]) for r in epochs if r.get(key) is not None]
         init = [r for r in recs if r.get("event") == "init" and r.get(key) is not None]
-        if init:
+        if init and pts:
             pts = [(0, init[-1][key])] + pts
         if pts:
             ax2.plot(*zip(*pts), marker="o", label=label)
@@ -617,6 +616,9 @@ def plot_log(log_path: str | Path, png_path: str | Path) -> Path | None:
         ax2.set_xlabel("step")
         ax2.set_title("learning rate")
     else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax2.set_xlabel("epoch")
         ax2.set_ylabel("%")
         ax2.set_title("accuracy")
@@ -719,15 +721,17 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
                           "pass --resume to continue it, or choose another --out")
     else:
         fresh_log = True  # a log without any checkpoint belongs to a run that never finished an epoch
+    # under torchrun only global rank 0 decodes every image; a bad one stops it, and torchrun stops the others
+    check = cfg.check_images and int(os.environ.get("RANK", "0")) == 0
     if isinstance(data, DataSource):
         source = data
     else:
-        source = prepare_data(data, split="train", labelled=labelled, check_images=cfg.check_images,
+        source = prepare_data(data, split="train", labelled=labelled, check_images=check,
                               workers=max(2, cfg.workers), what="--data")
     val_source = None
     if val_data is not None:
         val_source = val_data if isinstance(val_data, DataSource) else prepare_data(
-            val_data, split="val", check_images=cfg.check_images, workers=max(2, cfg.workers), what="--val-data")
+            val_data, split="val", check_images=check, workers=max(2, cfg.workers), what="--val-data")
     _check_classes(source, student)
     tmodel = load_teacher(recipe, teacher)
     dcfg = data_config or resolve_data_config(student)
@@ -803,6 +807,10 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
                                    "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dcfg.items()}})
             if cfg.calib_images > 0:
                 init_info = _initialise(student, tmodel, loader, cfg, dev, channels_last)
+            if val_loader is not None:  # the starting point, epoch 0 of the curves
+                ev = evaluate(student, val_loader, teacher=tmodel, device=str(dev))
+                init_info.update({f"val_{k}": v for k, v in ev.items() if k in ("top1", "top5", "agreement")})
+            if init_info:
                 _append_log(log_path, {"event": "init", **init_info})
 
     if start_epoch >= n_epochs:
