@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import PixifyError
 
-__all__ = ["Timing", "bench_models", "bench_op", "time_pair"]
+__all__ = ["Timing", "bench_models", "bench_op", "pix_free_copy", "time_pair"]
 
 
 @dataclass
@@ -73,19 +73,59 @@ def _prep(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_l
     return model
 
 
+class _FreePiX(nn.Module):
+    """Stand-in for a PiX module that costs nothing: returns a preallocated tensor of PiX's output shape
+    and layout (see ``bench_models(floor=True)``)."""
+
+    def __init__(self, pix: nn.Module):
+        super().__init__()
+        self.groups, self.zeta, self.channel_dim = pix.groups, pix.zeta, pix.channel_dim
+        self._out: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device, x.stride())
+        out = self._out.get(key)
+        if out is None:
+            from .ops import pick_or_mix
+
+            p = x.new_full((x.shape[0], self.groups), 0.75)
+            with torch.no_grad():
+                out = self._out[key] = pick_or_mix(x, p, self.zeta, channel_dim=self.channel_dim)
+        return out
+
+
+def pix_free_copy(converted: nn.Module) -> nn.Module:
+    """A copy of ``converted`` whose PiX modules cost nothing (inference only): timing it against the
+    original gives the best ratio that any PiX kernel could reach on this machine."""
+    from .ops import PiX
+
+    free = copy.deepcopy(converted)
+    for name, mod in list(free.named_modules()):
+        if isinstance(mod, PiX):
+            free.set_submodule(name, _FreePiX(mod))
+    return free
+
+
 def bench_models(original: nn.Module, converted: nn.Module, input_size: tuple[int, ...],
                  batch_sizes: tuple[int, ...] = (1, 8), device: str = "cpu", dtype: torch.dtype = torch.float32,
                  compile: bool = False, train: bool = True, rounds: int = 15, warmup: int = 3,
-                 channels_last: bool = False, progress: Callable[[str], None] | None = None) -> list[Timing]:
-    """Latency of ``converted`` vs ``original``: inference per batch size, and a training step."""
+                 channels_last: bool = False, progress: Callable[[str], None] | None = None,
+                 floor: bool = False) -> list[Timing]:
+    """Latency of ``converted`` vs ``original``: inference per batch size, and a training step.
+
+    ``floor``: also time (inference) a copy of the converted model whose PiX modules cost nothing
+    (:func:`pix_free_copy`), i.e. the bound that the rest of the network sets on the ratio.
+    """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PixifyError("--device cuda asked for, but torch sees no CUDA device", "use --device cpu")
     orig = _prep(copy.deepcopy(original), dev, dtype, channels_last).eval()
     conv = _prep(copy.deepcopy(converted), dev, dtype, channels_last).eval()
     run_o, run_c = orig, conv
+    run_f = pix_free_copy(conv).eval() if floor else None
     if compile:
         run_o, run_c = torch.compile(orig), torch.compile(conv)
+        run_f = torch.compile(run_f) if run_f is not None else None
     autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 and dev.type == "cuda"
                 else nullcontext())
     results: list[Timing] = []
@@ -107,6 +147,14 @@ def bench_models(original: nn.Module, converted: nn.Module, input_size: tuple[in
 
         a, b, ratio, n = time_pair(fo, fc, dev, rounds, warmup)
         results.append(Timing("inference" + (" (compiled)" if compile else ""), bs, a, b, ratio, n))
+        if run_f is not None:
+            def ff(x=x):
+                with torch.inference_mode(), autocast:
+                    return run_f(x)
+
+            a, b, ratio, n = time_pair(fo, ff, dev, rounds, warmup)
+            results.append(Timing("inference, PiX free (bound)" + (" (compiled)" if compile else ""), bs, a, b,
+                                  ratio, n))
     if train:
         bs = max(batch_sizes)
         x = torch.randn((bs, *input_size), generator=g).to(device=dev, dtype=dtype)

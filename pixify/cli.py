@@ -278,6 +278,8 @@ def bench(
     rounds: int = typer.Option(15, "--rounds", help="timed rounds per measurement (median)"),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W (default: the model's)"),
     op: bool = typer.Option(False, "--op", help="op-level: PiX vs one pass over its input vs the 1x1 conv"),
+    floor: bool = typer.Option(False, "--floor", help="also time the converted model with every PiX made free "
+                               "(inference): the best ratio any PiX kernel could reach here"),
     as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
 ) -> None:
     """Time the converted model against the original in one process (ratios; SPEC §7)."""
@@ -324,7 +326,7 @@ def bench(
     original, converted, report_macs, report_params, label = _bench_models(model, zeta, _parse_input_size(input_size))
     size = _parse_input_size(input_size) or tuple(converted.pixify_recipe.get("input_shape", [1, 3, 224, 224])[1:])
     timings = bench_models(original, converted, size, sizes, device, dtypes[dtype], compile, train, rounds,
-                           channels_last=channels_last,
+                           channels_last=channels_last, floor=floor,
                            progress=None if as_json else (lambda m: con.print(f"[dim]timing {m}...[/dim]")))
     rep = BenchReport(label, zeta, device, torch.get_num_threads(), compile, report_macs, report_params, timings)
     if as_json:

@@ -20,6 +20,7 @@ from torch import nn
 from .errors import PixifyError
 from .graph import Analysis, NearMiss, Untraced, analyse, example_input_for
 from .metrics import _call, _logits, count_macs, count_params, output_agreement
+from .ops import eager_kernels
 from .rewrite import SiteRecord, apply_sites, parse_zeta, plan_sites
 from .rules import Rule, active_rules
 from .sources import Source, custom_source
@@ -171,6 +172,14 @@ def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
     Returns:
         ``(converted_model, report)``; the converted model carries its recipe as ``.pixify_recipe``.
     """
+    # a handful of forward passes: compiling the generated PiX kernel would cost more than it saves
+    with eager_kernels():
+        return _convert(model, zeta, tau, preset, mode, rules, example_input, calibration, source, inplace)
+
+
+def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, mode: str,
+             rules: Iterable[Rule | str | Path] | None, example_input: Any, calibration: Iterable[Any] | None,
+             source: Source | None, inplace: bool) -> tuple[nn.Module, ConversionReport]:
     t0 = time.perf_counter()
     zeta, tau, rule_list, example = _prepare(model, zeta, tau, preset, mode, rules, example_input)
     was_training = model.training

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import numbers
 import warnings
 from collections.abc import Iterator
@@ -61,6 +62,8 @@ from .errors import PixifyError
 __all__ = [
     "PiX",
     "PixArgumentError",
+    "compiled_kernels_enabled",
+    "eager_kernels",
     "pick_or_mix",
     "pick_or_mix_reference",
     "pix",
@@ -153,6 +156,15 @@ _FAST_MIN_NUMEL_BWD = 1 << 15
 # Planar forward: from this fraction of picking (sample, subset) pairs on, the sparse amax kernel
 # writes the whole output and the mix sums are put into it (else the other way round).
 _PLANAR_PICK_BASE = 0.4
+# Planar forward with C divisible by zeta: up to this picking fraction the pick blocks are gathered
+# and reduced on their own (≈ 1 + 3f input reads); above it amax runs everywhere and the mix blocks are
+# summed again by embedding_bag (2 - f reads).
+_EVEN_GATHER_PICK_MAX = 0.25
+# Planar forward, C divisible by zeta: from this many input elements on, the compiled kernel is used
+# (see _compiled_even); below, its call overhead is not worth it.
+_COMPILED_MIN_NUMEL = 1 << 16
+# Inference under torch.compile: trace the reference ops (the compiler fuses them) instead of the op.
+_INLINE_UNDER_COMPILE = True
 # Generic code on CPU: outputs at least this large use the min/max select instead of torch.where.
 _CPU_SELECT_MIN_NUMEL = 1 << 16
 
@@ -592,6 +604,104 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 
 def _planar_forward(t: Tensor, p: Tensor, zeta: int, tau: float) -> Tensor:
     """t (N, C, S) contiguous -> (N, G, S) contiguous."""
+    if t.shape[1] % zeta == 0:
+        return _planar_forward_even(t, p, zeta, tau)
+    return _planar_forward_bags(t, p, zeta, tau)
+
+
+def _planar_forward_even(t: Tensor, p: Tensor, zeta: int, tau: float) -> Tensor:
+    """C divisible by zeta: every (sample, subset) is a contiguous (zeta, S) block of ``t.view(N*G, zeta, S)``.
+
+    All-mix and all-pick batches are one reduction over that view (a single read of the input) and a
+    scale of the output.  Mixed batches reduce the whole view with the kind that most subsets need and
+    redo the others: with ``f`` the picking fraction, the cheaper of ``amax`` everywhere + the mix
+    blocks' sums by ``embedding_bag`` (reads ``2 - f`` inputs) and the sums everywhere + ``amax`` of the
+    gathered pick blocks (about ``1 + 3f``).
+    """
+    n, c, s = t.shape
+    g = c // zeta
+    nb = n * g
+    t4 = t.view(nb, zeta, s)
+    pf = p.reshape(nb)
+    pick = pf < tau
+    n_pick = int(pick.sum())
+    pc = pf.to(t.dtype)
+    if n_pick == 0:
+        out = t4.sum(1).mul_((pc * (1.0 / zeta))[:, None])
+    elif n_pick == nb:
+        out = t4.amax(1).mul_(pc[:, None])
+    elif n_pick <= _EVEN_GATHER_PICK_MAX * nb:
+        out = t4.sum(1).mul_((pc * (1.0 / zeta))[:, None])
+        ids = pick.nonzero().view(-1)
+        out.index_copy_(0, ids, t4.index_select(0, ids).amax(1).mul_(pc.index_select(0, ids)[:, None]))
+    else:
+        out = t4.amax(1).mul_(pc[:, None])
+        ids = (~pick).nonzero().view(-1)
+        rows = (ids[:, None] * zeta + torch.arange(zeta, device=t.device)).view(-1)
+        w = (pc.index_select(0, ids) * (1.0 / zeta)).repeat_interleave(zeta)
+        offsets = torch.arange(0, rows.numel(), zeta, device=t.device)
+        out.index_copy_(0, ids, F.embedding_bag(rows, t.view(-1, s), offsets, mode="sum", per_sample_weights=w))
+    return out.view(n, g, s)
+
+
+def _fused_even(t4: Tensor, p: Tensor, tau: float) -> Tensor:
+    """What the compiled kernel computes (and the compiler fuses into one loop over t4 (NB, zeta, S)):
+    per bag, p·max over its rows where p < tau, else p·mean."""
+    pc = p.to(t4.dtype)[:, None]
+    return torch.where((p < tau)[:, None], t4.amax(1) * pc, t4.sum(1) * (pc / t4.shape[1]))
+
+
+_COMPILED: dict[str, Any] = {"fn": None, "failed": False}
+_EAGER_ONLY_DEPTH = 0
+
+
+@contextlib.contextmanager
+def eager_kernels() -> Iterator[None]:
+    """Inside, PiX never uses (or compiles) the generated CPU kernel: e.g. for one-off forward passes,
+    where its one-time compilation would cost more than it saves.  Nesting is allowed."""
+    global _EAGER_ONLY_DEPTH
+    _EAGER_ONLY_DEPTH += 1
+    try:
+        yield
+    finally:
+        _EAGER_ONLY_DEPTH -= 1
+
+
+def compiled_kernels_enabled() -> bool:
+    """Whether the generated CPU kernel may be used: not disabled with ``PIXIFY_COMPILED_KERNELS=0``,
+    not inside :func:`eager_kernels`, and it has not failed to build on this machine."""
+    return (
+        _FAST_CPU
+        and _EAGER_ONLY_DEPTH == 0
+        and not _COMPILED["failed"]
+        and os.environ.get("PIXIFY_COMPILED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    )
+
+
+def _compiled_even(t4: Tensor, p: Tensor, tau: float) -> Tensor | None:
+    """:func:`_fused_even` through ``torch.compile`` (inductor writes a vectorised C++/OpenMP loop that
+    reads the input once: about one pass, where the eager kernels need 1.5-2.5).  Compiled on first use
+    (a few seconds; torch caches the kernel on disk, so later processes load it in about two), with
+    dynamic shapes, so the sites of a network share one kernel.  None when unavailable: the eager kernels
+    run instead, and a build failure (no C++ compiler, say) is reported once and not retried."""
+    if not compiled_kernels_enabled():
+        return None
+    fn = _COMPILED["fn"]
+    if fn is None:
+        fn = _COMPILED["fn"] = torch.compile(_fused_even, dynamic=True, fullgraph=True)
+    try:
+        with torch.no_grad():
+            return fn(t4, p, tau)
+    except Exception as e:  # noqa: BLE001 - any compiler/toolchain failure means "use the eager kernels"
+        _COMPILED["failed"] = True
+        warnings.warn(f"pixify: the compiled PiX CPU kernel is unavailable here ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); using the eager kernels", RuntimeWarning,
+                      stacklevel=2)
+        return None
+
+
+def _planar_forward_bags(t: Tensor, p: Tensor, zeta: int, tau: float) -> Tensor:
+    """Any C (a short last subset): embedding_bag for the mix bags, sparse amax for the pick bags."""
     plan = _Plan(t, p, zeta, tau)
     if plan.n_pick == 0:
         out = plan.mix_sums(plan.coef, all_bags=True)
@@ -775,6 +885,11 @@ def _forward_impl(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int)
     x = x.detach()
     p = p.detach()
     t, layout = _canon(x, cd)
+    if zeta > 1 and layout == _PLANAR and t.shape[1] % zeta == 0 and _use_fast(x, _COMPILED_MIN_NUMEL):
+        n, c, s = t.shape
+        out3 = _compiled_even(t.view(n * (c // zeta), zeta, s), p.reshape(-1), tau)
+        if out3 is not None:
+            return _own(_uncanon(out3.view(n, c // zeta, s), x.shape, cd, layout))
     if zeta > 1 and _use_fast(x):
         if layout == _PLANAR:
             out3 = _planar_forward(t, p, zeta, tau)
@@ -872,7 +987,39 @@ def pick_or_mix(x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channel_dim: 
     _check_p(x, p, zeta, _norm_dim(channel_dim, x.dim()))
     if _reference_active():
         return pick_or_mix_reference(x, p, zeta, tau, channel_dim)
+    if _direct_ok(x, p):
+        return _forward_impl(x, p, zeta, tau, channel_dim)
+    if _inline_ok(x, p):
+        return pick_or_mix_reference(x, p, zeta, tau, channel_dim)
     return torch.ops.pixify.pick_or_mix(x, p, zeta, tau, channel_dim)
+
+
+def _inline_ok(x: Tensor, p: Tensor) -> bool:
+    """Inference under ``torch.compile`` (not export): give the compiler the reference ops instead of
+    the opaque custom op, so that it generates one fused loop (both reductions and the select in a
+    single read of the input).  Training keeps the custom op and its exact backward; ``torch.export``
+    keeps the single op node."""
+    return (
+        _INLINE_UNDER_COMPILE
+        and torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not (torch.is_grad_enabled() and (x.requires_grad or p.requires_grad))
+    )
+
+
+def _direct_ok(x: Tensor, p: Tensor) -> bool:
+    """True when the custom op's kernel may be called directly: plain eager tensors, no gradient
+    wanted, nobody watching the dispatcher (torch.compile/export, fake tensors, FlopCounterMode and
+    other dispatch or function modes still see the one ``pixify::pick_or_mix`` op).  This saves the
+    custom-op dispatch on every inference call."""
+    return (
+        not torch.compiler.is_compiling()  # first: dynamo folds it, and cannot trace the private calls
+        and type(x) is Tensor
+        and type(p) is Tensor
+        and not (torch.is_grad_enabled() and (x.requires_grad or p.requires_grad))
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )
 
 
 def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int = 1) -> Tensor:

@@ -268,6 +268,81 @@ def test_default_dispatch_large_input(layout, fraction):
     torch.testing.assert_close(gp, gpr, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("channels", [64, 62])  # divisible by zeta, and a short last subset
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.6, 1.0])  # all mix, few picks, most pick, all pick
+def test_inference_direct_path_equals_reference(mode, channels, fraction):
+    # without autograd the kernels run directly, not through the custom op's dispatch
+    x = make_x((2, channels, 64, 66), "contig")
+    groups = pix_groups(channels, 4)
+    p = torch.where(torch.rand(2, groups, generator=torch.Generator().manual_seed(3)) < fraction, 0.3, 0.7)
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        assert ops._direct_ok(x, p)
+        y = pick_or_mix(x, p, 4)
+    torch.testing.assert_close(y, pick_or_mix_reference(x, p, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_compiled_kernel_equals_reference(dtype, fraction):
+    if not ops.compiled_kernels_enabled():
+        pytest.skip("compiled kernels disabled (PIXIFY_COMPILED_KERNELS=0)")
+    x = make_x((2, 32, 40, 40), "contig", dtype=dtype)
+    p = torch.where(torch.rand(2, 8, generator=torch.Generator().manual_seed(1)) < fraction, 0.3, 0.7)
+    t4 = x.view(16, 4, 1600)
+    got = ops._compiled_even(t4, p.view(-1), 0.5)
+    assert got is not None, "the compiled kernel did not build"
+    want = pick_or_mix_reference(x, p, 4).reshape(16, 1600)
+    tol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-2)}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
+
+
+def test_compiled_kernel_failure_falls_back_once(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    monkeypatch.setitem(ops._COMPILED, "fn", broken)
+    monkeypatch.setitem(ops._COMPILED, "failed", False)
+    x = make_x((2, 32, 40, 40), "contig")
+    p = make_p(2, 8)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler\); using the eager kernels"):
+        y = pick_or_mix(x, p, 4)
+    torch.testing.assert_close(y, pick_or_mix_reference(x, p, 4))
+    assert not ops.compiled_kernels_enabled()  # not retried
+    with torch.no_grad():
+        torch.testing.assert_close(pick_or_mix(x, p, 4), y)
+
+
+def test_compiled_kernel_switches(monkeypatch):
+    monkeypatch.setitem(ops._COMPILED, "failed", False)
+    monkeypatch.setenv("PIXIFY_COMPILED_KERNELS", "0")
+    assert not ops.compiled_kernels_enabled()
+    monkeypatch.setenv("PIXIFY_COMPILED_KERNELS", "1")
+    assert ops.compiled_kernels_enabled()
+    with ops.eager_kernels():
+        assert not ops.compiled_kernels_enabled()
+        assert ops._compiled_even(torch.zeros(4, 2, 3), torch.zeros(4), 0.5) is None
+
+
+def test_direct_path_only_when_nobody_watches():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, p = torch.rand(1, 8, 4, 4), torch.rand(1, 2)
+    assert ops._direct_ok(x, p)
+    assert not ops._direct_ok(x.requires_grad_(), p)  # autograd needs the op's backward
+    with torch.no_grad():
+        assert ops._direct_ok(x, p)
+        with FlopCounterMode(display=False):
+            assert not ops._direct_ok(x, p)
+    fm = FakeTensorMode()
+    fx_, fp = fm.from_tensor(x.detach()), fm.from_tensor(p)
+    assert not ops._direct_ok(fx_, fp)  # a tensor subclass
+    with fm:
+        assert not ops._direct_ok(fx_, fp)
+
+
 # -------------------------------------------------------------------------------------------- gradcheck
 
 
@@ -390,6 +465,31 @@ def test_compile_fullgraph_inductor_inference():
     cm = torch.compile(m, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(cm(x), m(x))
+
+
+def _captured_targets(m, x, grad):
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True, backend=backend)
+    with torch.set_grad_enabled(grad):
+        out = cm(x)
+    torch._dynamo.reset()
+    return seen, out
+
+
+def test_compile_inference_inlines_the_reference_training_keeps_the_op():
+    m = Tiny().eval()
+    x = torch.randn(2, 3, 8, 8)
+    seen, out = _captured_targets(m, x, grad=False)
+    assert torch.ops.pixify.pick_or_mix.default not in seen  # the compiler sees plain reductions to fuse
+    torch.testing.assert_close(out, m(x))
+    seen, _ = _captured_targets(m, x, grad=True)  # parameters need grad: the op with its exact backward
+    assert torch.ops.pixify.pick_or_mix.default in seen or torch.ops.pixify.pick_or_mix in seen
 
 
 def test_compile_fullgraph_training_matches_eager():

@@ -1,0 +1,87 @@
+"""`pixify bench` and the benchmark helpers: structure and plumbing only.
+
+Speed claims are never asserted here (they live in `pixify bench` output and the closing notes); these tests
+check that the benchmark measures what it says, on tiny inputs with one round.
+"""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import pixify
+from pixify.bench import bench_models, bench_op, pix_free_copy, time_pair
+from pixify.cli import main
+from pixify.ops import PiX
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),  # a 4× squeeze
+        nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval()
+
+
+def test_time_pair_alternates_and_reports_medians():
+    calls = []
+    a, b, ratio, n = time_pair(lambda: calls.append("a"), lambda: calls.append("b"), torch.device("cpu"),
+                               rounds=4, warmup=1)
+    assert n == 4 and a > 0 and b > 0 and ratio > 0
+    assert calls[:2] == ["a", "b"]  # warm-up
+    assert calls[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # who goes first alternates
+
+
+def test_pix_free_copy_keeps_shapes_and_leaves_the_original_alone():
+    conv, _ = pixify.convert(_net(), example_input=torch.randn(1, 3, 16, 16))
+    assert any(isinstance(m, PiX) for m in conv.modules())
+    free = pix_free_copy(conv)
+    assert not any(isinstance(m, PiX) for m in free.modules())
+    assert any(isinstance(m, PiX) for m in conv.modules())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        assert free(x).shape == conv(x).shape
+
+
+def test_bench_models_rows():
+    conv, _ = pixify.convert(_net(), example_input=torch.randn(1, 3, 16, 16))
+    rows = bench_models(_net(), conv, (3, 16, 16), batch_sizes=(1, 2), rounds=2, warmup=1, floor=True)
+    assert [(r.what, r.batch_size) for r in rows] == [
+        ("inference", 1), ("inference, PiX free (bound)", 1),
+        ("inference", 2), ("inference, PiX free (bound)", 2),
+        ("train step (fwd+bwd)", 2),
+    ]
+    for r in rows:
+        assert r.rounds >= 2 and r.original_ms > 0 and r.converted_ms > 0 and r.ratio > 0
+
+
+def test_bench_op_keys():
+    r = bench_op(channels=32, size=8, zeta=4, batch_size=2, rounds=2, warmup=1)
+    for k in ("one_pass_ms", "fusion_ms", "naive_ms", "conv1x1_ms", "pix_ms", "fusion_vs_one_pass"):
+        assert r[k] > 0, k
+    assert r["shape"] == [2, 32, 8, 8]
+
+
+def test_cli_bench_json(capsys):
+    rc = main(["bench", "resnet26", "--input-size", "3,32,32", "--batch-size", "1",
+               "--rounds", "1", "--no-train", "--floor", "--threads", "1", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["macs"]["converted"] < rep["macs"]["original"]
+    assert [t["what"] for t in rep["timings"]] == ["inference", "inference, PiX free (bound)"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bench", "resnet26", "--batch-size", "0"], "--batch-size"),
+    (["bench", "resnet26", "--rounds", "0"], "--rounds"),
+    (["bench", "resnet26", "--device", "tpu"], "--device"),
+    (["bench"], "needs a MODEL"),
+])
+def test_cli_bench_bad_inputs(capsys, args, needle):
+    rc = main(args)
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
