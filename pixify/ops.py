@@ -651,7 +651,22 @@ def _fused_even(t4: Tensor, p: Tensor, tau: float) -> Tensor:
     return torch.where((p < tau)[:, None], t4.amax(1) * pc, t4.sum(1) * (pc / t4.shape[1]))
 
 
-_COMPILED: dict[str, Any] = {"fn": None, "failed": False}
+def _fused_even_backward(t4: Tensor, p: Tensor, g2: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`_fused_even` (what the compiled backward kernel computes): pick bags send
+    p·g to the first arg-max row, mix bags p·g/zeta to every row; p gets sum over pixels of g·fused."""
+    z = t4.shape[1]
+    pick = (p < tau)[:, None]
+    pc = p.to(t4.dtype)[:, None]
+    acc = torch.float32 if t4.dtype in (torch.float16, torch.bfloat16) else t4.dtype
+    fused = torch.where(pick, t4.amax(1), t4.sum(1) / z)
+    grad_p = (g2.to(acc) * fused.to(acc)).sum(1)
+    gg = g2 * torch.where(pick, pc, pc / z)
+    first = torch.arange(z, device=t4.device)[None, :, None] == t4.argmax(1)[:, None, :]
+    grad_t = torch.where(first | ~pick[:, :, None], gg[:, None, :], torch.zeros((), dtype=t4.dtype))
+    return grad_t, grad_p
+
+
+_COMPILED: dict[str, Any] = {"fn": None, "bwd": None, "failed": False}
 _EAGER_ONLY_DEPTH = 0
 
 
@@ -678,20 +693,24 @@ def compiled_kernels_enabled() -> bool:
     )
 
 
-def _compiled_even(t4: Tensor, p: Tensor, tau: float) -> Tensor | None:
+def _compiled_even(t4: Tensor, p: Tensor, tau: float, grad: Tensor | None = None) -> Any:
     """:func:`_fused_even` through ``torch.compile`` (inductor writes a vectorised C++/OpenMP loop that
     reads the input once: about one pass, where the eager kernels need 1.5-2.5).  Compiled on first use
     (a few seconds; torch caches the kernel on disk, so later processes load it in about two), with
     dynamic shapes, so the sites of a network share one kernel.  None when unavailable: the eager kernels
-    run instead, and a build failure (no C++ compiler, say) is reported once and not retried."""
+    run instead, and a build failure (no C++ compiler, say) is reported once and not retried.
+
+    With ``grad`` (NB, S): the backward kernel (:func:`_fused_even_backward`), returning (grad_t4, grad_p).
+    """
     if not compiled_kernels_enabled():
         return None
-    fn = _COMPILED["fn"]
+    key, impl = ("fn", _fused_even) if grad is None else ("bwd", _fused_even_backward)
+    fn = _COMPILED[key]
     if fn is None:
-        fn = _COMPILED["fn"] = torch.compile(_fused_even, dynamic=True, fullgraph=True)
+        fn = _COMPILED[key] = torch.compile(impl, dynamic=True, fullgraph=True)
     try:
         with torch.no_grad():
-            return fn(t4, p, tau)
+            return fn(t4, p, tau) if grad is None else fn(t4, p, grad, tau)
     except Exception as e:  # noqa: BLE001 - any compiler/toolchain failure means "use the eager kernels"
         _COMPILED["failed"] = True
         warnings.warn(f"pixify: the compiled PiX CPU kernel is unavailable here ({type(e).__name__}: "
@@ -907,6 +926,14 @@ def _backward_impl(
     x, p, grad = x.detach(), p.detach(), grad.detach()
     t, layout = _canon(x, cd)
     g3 = _as_layout(_canon(grad, cd)[0], layout)
+    if zeta > 1 and layout == _PLANAR and t.shape[1] % zeta == 0 and _use_fast(x, _COMPILED_MIN_NUMEL):
+        n, c, s = t.shape
+        res = _compiled_even(t.view(n * (c // zeta), zeta, s), p.reshape(-1), tau,
+                             g3.reshape(n * (c // zeta), s))
+        if res is not None:
+            gt, gp = res
+            return (_own(_uncanon(gt.view(n, c, s), x.shape, cd, layout)),
+                    _own(gp.view(p.shape).to(p.dtype).contiguous()))
     if zeta > 1 and _use_fast(x, min(_FAST_MIN_NUMEL, _FAST_MIN_NUMEL_BWD)):
         if layout == _PLANAR:
             gt, gp = _planar_backward(g3, t, p, zeta, tau)

@@ -298,6 +298,23 @@ def test_compiled_kernel_equals_reference(dtype, fraction):
     torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
 
 
+def test_compiled_backward_ties_route_to_first_channel():
+    if not ops.compiled_kernels_enabled():
+        pytest.skip("compiled kernels disabled (PIXIFY_COMPILED_KERNELS=0)")
+    x = torch.randint(0, 3, (2, 32, 40, 40), generator=torch.Generator().manual_seed(2)).float()
+    assert x.numel() >= ops._COMPILED_MIN_NUMEL
+    p = torch.where(torch.rand(2, 8, generator=torch.Generator().manual_seed(4)) < 0.7, 0.3, 0.7)
+    xa, pa = x.clone().requires_grad_(), p.clone().requires_grad_()
+    xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
+    y, yr = pick_or_mix(xa, pa, 4), pick_or_mix_reference(xr, pr, 4)
+    g = torch.rand(y.shape) + 0.5
+    gx, gp = torch.autograd.grad(y, (xa, pa), g)
+    gxr, gpr = torch.autograd.grad(yr, (xr, pr), g)
+    assert ops._COMPILED["bwd"] is not None  # the compiled backward ran
+    assert torch.equal(gx, gxr)  # the same (first) arg-max channel, the same values
+    torch.testing.assert_close(gp, gpr, rtol=1e-5, atol=1e-4)
+
+
 def test_compiled_kernel_failure_falls_back_once(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler\nmore detail")
