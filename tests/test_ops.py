@@ -484,31 +484,6 @@ def test_compile_fullgraph_inductor_inference():
         torch.testing.assert_close(cm(x), m(x))
 
 
-def _captured_targets(m, x, grad):
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    torch._dynamo.reset()
-    cm = torch.compile(m, fullgraph=True, backend=backend)
-    with torch.set_grad_enabled(grad):
-        out = cm(x)
-    torch._dynamo.reset()
-    return seen, out
-
-
-def test_compile_inference_inlines_the_reference_training_keeps_the_op():
-    m = Tiny().eval()
-    x = torch.randn(2, 3, 8, 8)
-    seen, out = _captured_targets(m, x, grad=False)
-    assert torch.ops.pixify.pick_or_mix.default not in seen  # the compiler sees plain reductions to fuse
-    torch.testing.assert_close(out, m(x))
-    seen, _ = _captured_targets(m, x, grad=True)  # parameters need grad: the op with its exact backward
-    assert torch.ops.pixify.pick_or_mix.default in seen or torch.ops.pixify.pick_or_mix in seen
-
-
 def test_compile_fullgraph_training_matches_eager():
     m = Tiny()
     x = torch.randn(2, 3, 8, 8)
