@@ -321,6 +321,7 @@ def test_compiled_kernel_failure_falls_back_once(monkeypatch):
 
     monkeypatch.setitem(ops._COMPILED, "fn", broken)
     monkeypatch.setitem(ops._COMPILED, "failed", False)
+    monkeypatch.setenv("PIXIFY_COMPILED_KERNELS", "1")
     x = make_x((2, 32, 40, 40), "contig")
     p = make_p(2, 8)
     with torch.no_grad(), pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler\); using the eager kernels"):
