@@ -57,8 +57,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import numbers
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
