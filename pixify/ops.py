@@ -56,6 +56,7 @@ Implementation layout
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 import os
@@ -701,6 +702,23 @@ def compiled_kernels_enabled() -> bool:
     )
 
 
+@contextlib.contextmanager
+def _quiet_first_build() -> Iterator[None]:
+    """Silence torch's "No CUDA runtime is found, using CUDA_HOME=..." warning, which a CUDA build of
+    torch prints when inductor builds a CPU kernel on a machine without a GPU (noise for our users)."""
+    if _COMPILED.get("quiet_done"):
+        yield
+        return
+    log = logging.getLogger("torch.utils.cpp_extension")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+        _COMPILED["quiet_done"] = _COMPILED["fn"] is not None and _COMPILED["bwd"] is not None
+
+
 def _compiled_even(t4: Tensor, p: Tensor, tau: float, grad: Tensor | None = None) -> Any:
     """:func:`_fused_even` through ``torch.compile`` (inductor writes a vectorised C++/OpenMP loop that
     reads the input once: about one pass, where the eager kernels need 1.5-2.5).  Compiled on first use
@@ -717,7 +735,7 @@ def _compiled_even(t4: Tensor, p: Tensor, tau: float, grad: Tensor | None = None
     if fn is None:
         fn = _COMPILED[key] = torch.compile(impl, dynamic=True, fullgraph=True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_first_build():
             return fn(t4, p, tau) if grad is None else fn(t4, p, grad, tau)
     except Exception as e:  # noqa: BLE001 - any compiler/toolchain failure means "use the eager kernels"
         _COMPILED["failed"] = True
