@@ -18,22 +18,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from timm.data.readers.img_extensions import get_img_extensions
 from torch import nn
 
 from .errors import PixifyError
 
 __all__ = ["DataSource", "prepare_data", "resolve_data_config", "create_loader", "IMAGE_EXTENSIONS"]
 
-def _timm_extensions() -> tuple[str, ...]:
-    try:
-        from timm.data.readers.img_extensions import get_img_extensions
-
-        return tuple(sorted(get_img_extensions()))
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return (".jpeg", ".jpg", ".png")
-
-
-IMAGE_EXTENSIONS = _timm_extensions()  # what timm's folder reader picks up
+IMAGE_EXTENSIONS = tuple(sorted(get_img_extensions()))  # what timm's folder reader picks up
 _TRAIN_SPLITS = ("train", "training")
 _EVAL_SPLITS = ("validation", "val", "valid", "eval", "evaluation", "test")
 

@@ -134,9 +134,12 @@ class FinetuneResult:
 # --------------------------------------------------------------------------------------------- helpers
 
 def _rank() -> int:
+    """This process's global rank; before the process group exists, the one torchrun gave it (else 0)."""
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def _world() -> int:
@@ -722,7 +725,7 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
     else:
         fresh_log = True  # a log without any checkpoint belongs to a run that never finished an epoch
     # under torchrun only global rank 0 decodes every image; a bad one stops it, and torchrun stops the others
-    check = cfg.check_images and int(os.environ.get("RANK", "0")) == 0
+    check = cfg.check_images and _rank() == 0
     if isinstance(data, DataSource):
         source = data
     else:

@@ -60,6 +60,7 @@ import logging
 import math
 import numbers
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -154,7 +155,26 @@ def _check_p(x: Tensor, p: Tensor, zeta: int, cd: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 # reference mode / path switches
 
-_REFERENCE_DEPTH = 0
+class _Nestable:
+    """A global on/off switch entered with ``with``: on while at least one ``with`` block is open."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+    def __bool__(self) -> bool:
+        return self.depth > 0
+
+
+_REFERENCE = _Nestable()
+_EAGER_ONLY = _Nestable()
 # Test/diagnostic switch: False makes the custom-op kernels use the generic (device independent) code
 # on CPU as well.  Not part of the public API.
 _FAST_CPU = True
@@ -178,23 +198,17 @@ _COMPILED_MIN_NUMEL = 1 << 16
 _CPU_SELECT_MIN_NUMEL = 1 << 16
 
 
-@contextlib.contextmanager
-def reference_mode() -> Iterator[None]:
+def reference_mode() -> contextlib.AbstractContextManager[None]:
     """Inside, :func:`pick_or_mix` and :func:`pix` use the pure-PyTorch reference path.
 
     Use it for ``torch.onnx.export`` (the graph then contains only standard aten ops) and for
     equality tests.  Nesting is allowed.
     """
-    global _REFERENCE_DEPTH
-    _REFERENCE_DEPTH += 1
-    try:
-        yield
-    finally:
-        _REFERENCE_DEPTH -= 1
+    return _REFERENCE.entered()
 
 
 def _reference_active() -> bool:
-    return _REFERENCE_DEPTH > 0
+    return bool(_REFERENCE)
 
 
 @contextlib.contextmanager
@@ -635,16 +649,15 @@ def _planar_forward_even(t: Tensor, p: Tensor, zeta: int, tau: float) -> Tensor:
     pick = pf < tau
     n_pick = int(pick.sum())
     pc = pf.to(t.dtype)
-    if n_pick == 0:
+    if n_pick <= _EVEN_GATHER_PICK_MAX * nb:  # sums everywhere (all-mix: nothing else)
         out = t4.sum(1).mul_((pc * (1.0 / zeta))[:, None])
-    elif n_pick == nb:
+        if n_pick:
+            ids = pick.nonzero().view(-1)
+            out.index_copy_(0, ids, t4.index_select(0, ids).amax(1).mul_(pc.index_select(0, ids)[:, None]))
+    else:  # amax everywhere (all-pick: nothing else)
         out = t4.amax(1).mul_(pc[:, None])
-    elif n_pick <= _EVEN_GATHER_PICK_MAX * nb:
-        out = t4.sum(1).mul_((pc * (1.0 / zeta))[:, None])
-        ids = pick.nonzero().view(-1)
-        out.index_copy_(0, ids, t4.index_select(0, ids).amax(1).mul_(pc.index_select(0, ids)[:, None]))
-    else:
-        out = t4.amax(1).mul_(pc[:, None])
+        if n_pick == nb:
+            return out.view(n, g, s)
         ids = (~pick).nonzero().view(-1)
         rows = (ids[:, None] * zeta + torch.arange(zeta, device=t.device)).view(-1)
         w = (pc.index_select(0, ids) * (1.0 / zeta)).repeat_interleave(zeta)
@@ -676,19 +689,12 @@ def _fused_even_backward(t4: Tensor, p: Tensor, g2: Tensor, tau: float) -> tuple
 
 
 _COMPILED: dict[str, Any] = {"fn": None, "bwd": None, "failed": False}
-_EAGER_ONLY_DEPTH = 0
 
 
-@contextlib.contextmanager
-def eager_kernels() -> Iterator[None]:
+def eager_kernels() -> contextlib.AbstractContextManager[None]:
     """Inside, PiX never uses (or compiles) the generated CPU kernel: e.g. for one-off forward passes,
     where its one-time compilation would cost more than it saves.  Nesting is allowed."""
-    global _EAGER_ONLY_DEPTH
-    _EAGER_ONLY_DEPTH += 1
-    try:
-        yield
-    finally:
-        _EAGER_ONLY_DEPTH -= 1
+    return _EAGER_ONLY.entered()
 
 
 def compiled_kernels_enabled() -> bool:
@@ -696,27 +702,25 @@ def compiled_kernels_enabled() -> bool:
     not inside :func:`eager_kernels`, and it has not failed to build on this machine."""
     return (
         _FAST_CPU
-        and _EAGER_ONLY_DEPTH == 0
+        and not _EAGER_ONLY
         and not _COMPILED["failed"]
         and os.environ.get("PIXIFY_COMPILED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
     )
 
 
-@contextlib.contextmanager
-def _quiet_first_build() -> Iterator[None]:
-    """Silence torch's "No CUDA runtime is found, using CUDA_HOME=..." warning, which a CUDA build of
-    torch prints when inductor builds a CPU kernel on a machine without a GPU (noise for our users)."""
-    if _COMPILED.get("quiet_done"):
-        yield
+def _import_cpp_extension_quietly() -> None:
+    """Import ``torch.utils.cpp_extension`` (which inductor needs to build a CPU kernel) with its logger
+    silenced: on import, a CUDA build of torch on a machine without a GPU warns "No CUDA runtime is
+    found, using CUDA_HOME=...", noise for our users."""
+    if "torch.utils.cpp_extension" in sys.modules:
         return
     log = logging.getLogger("torch.utils.cpp_extension")
     old = log.level
     log.setLevel(logging.ERROR)
     try:
-        yield
+        import torch.utils.cpp_extension  # noqa: F401
     finally:
         log.setLevel(old)
-        _COMPILED["quiet_done"] = _COMPILED["fn"] is not None and _COMPILED["bwd"] is not None
 
 
 def _compiled_even(t4: Tensor, p: Tensor, tau: float, grad: Tensor | None = None) -> Any:
@@ -733,9 +737,10 @@ def _compiled_even(t4: Tensor, p: Tensor, tau: float, grad: Tensor | None = None
     key, impl = ("fn", _fused_even) if grad is None else ("bwd", _fused_even_backward)
     fn = _COMPILED[key]
     if fn is None:
+        _import_cpp_extension_quietly()
         fn = _COMPILED[key] = torch.compile(impl, dynamic=True, fullgraph=True)
     try:
-        with torch.no_grad(), _quiet_first_build():
+        with torch.no_grad():
             return fn(t4, p, tau) if grad is None else fn(t4, p, grad, tau)
     except Exception as e:  # noqa: BLE001 - any compiler/toolchain failure means "use the eager kernels"
         _COMPILED["failed"] = True
@@ -925,16 +930,24 @@ def _own(t: Tensor) -> Tensor:
     return t.detach() if t._base is not None else t
 
 
+def _compiled_view(x: Tensor, t: Tensor, zeta: int, layout: int) -> Tensor | None:
+    """The (N*G, zeta, S) view of the planar t that the compiled kernels take, or None where they do not
+    apply (zeta 1, interleaved memory, C not divisible by zeta, not a CPU fast-path tensor, too small)."""
+    n, c, s = t.shape
+    if zeta > 1 and layout == _PLANAR and c % zeta == 0 and _use_fast(x, _COMPILED_MIN_NUMEL):
+        return t.view(n * (c // zeta), zeta, s)
+    return None
+
+
 def _forward_impl(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int) -> Tensor:
     cd = _norm_dim(channel_dim, x.dim())
     x = x.detach()
     p = p.detach()
     t, layout = _canon(x, cd)
-    if zeta > 1 and layout == _PLANAR and t.shape[1] % zeta == 0 and _use_fast(x, _COMPILED_MIN_NUMEL):
-        n, c, s = t.shape
-        out3 = _compiled_even(t.view(n * (c // zeta), zeta, s), p.reshape(-1), tau)
-        if out3 is not None:
-            return _own(_uncanon(out3.view(n, c // zeta, s), x.shape, cd, layout))
+    t4 = _compiled_view(x, t, zeta, layout)
+    out2 = None if t4 is None else _compiled_even(t4, p.reshape(-1), tau)
+    if out2 is not None:
+        return _own(_uncanon(out2.view(t.shape[0], -1, t.shape[2]), x.shape, cd, layout))
     if zeta > 1 and _use_fast(x):
         if layout == _PLANAR:
             out3 = _planar_forward(t, p, zeta, tau)
@@ -952,14 +965,12 @@ def _backward_impl(
     x, p, grad = x.detach(), p.detach(), grad.detach()
     t, layout = _canon(x, cd)
     g3 = _as_layout(_canon(grad, cd)[0], layout)
-    if zeta > 1 and layout == _PLANAR and t.shape[1] % zeta == 0 and _use_fast(x, _COMPILED_MIN_NUMEL):
-        n, c, s = t.shape
-        res = _compiled_even(t.view(n * (c // zeta), zeta, s), p.reshape(-1), tau,
-                             g3.reshape(n * (c // zeta), s))
-        if res is not None:
-            gt, gp = res
-            return (_own(_uncanon(gt.view(n, c, s), x.shape, cd, layout)),
-                    _own(gp.view(p.shape).to(p.dtype).contiguous()))
+    t4 = _compiled_view(x, t, zeta, layout)
+    res = None if t4 is None else _compiled_even(t4, p.reshape(-1), tau, g3.reshape(t4.shape[0], -1))
+    if res is not None:
+        gt, gp = res
+        return (_own(_uncanon(gt.view(t.shape), x.shape, cd, layout)),
+                _own(gp.view(p.shape).to(p.dtype).contiguous()))
     if zeta > 1 and _use_fast(x, min(_FAST_MIN_NUMEL, _FAST_MIN_NUMEL_BWD)):
         if layout == _PLANAR:
             gt, gp = _planar_backward(g3, t, p, zeta, tau)
