@@ -280,12 +280,15 @@ def bench(
     op: bool = typer.Option(False, "--op", help="op-level: PiX vs one pass over its input vs the 1x1 conv"),
     floor: bool = typer.Option(False, "--floor", help="also time the converted model with every PiX made free "
                                "(inference): the best ratio any PiX kernel could reach here"),
+    malloc: str = typer.Option("tuned", "--malloc", help="tuned: glibc reuses freed memory (mmap threshold "
+                               "32 MiB, no trimming), so neither model page-faults its activations back in on "
+                               "every run, as with jemalloc/tcmalloc; system: the process's defaults"),
     as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
 ) -> None:
     """Time the converted model against the original in one process (ratios; SPEC §7)."""
     import torch
 
-    from .bench import BenchReport, bench_models, bench_op
+    from .bench import BenchReport, bench_models, bench_op, tune_malloc
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
@@ -298,6 +301,8 @@ def bench(
         torch.set_num_threads(threads)
     if rounds < 1:
         raise PixifyError(f"--rounds must be >= 1, got {rounds}")
+    if malloc not in ("tuned", "system"):
+        raise PixifyError(f"--malloc must be tuned or system, got '{malloc}'")
     try:
         sizes = tuple(int(b) for b in batch_size.split(",") if b.strip())
     except ValueError:
@@ -305,14 +310,18 @@ def bench(
     if not sizes or min(sizes) < 1:
         raise PixifyError(f"--batch-size must be positive integers, got '{batch_size}'")
     con = _console()
+    malloc_state = tune_malloc() if malloc == "tuned" else "system"
     if op:
         z = 4 if zeta == "auto" else int(_check_zeta_cli(zeta))
         results = [bench_op(zeta=z, batch_size=b, device=device, dtype=dtypes[dtype], rounds=rounds,
                             channels_last=channels_last) for b in sizes]
+        for r in results:
+            r["malloc"] = malloc_state
         if as_json:
             print(json.dumps(results, indent=2))
             return
-        t = Table(title=f"PiX op, 256×56×56, ζ={z}, {dtype}, {device}, {torch.get_num_threads()} threads",
+        t = Table(title=f"PiX op, 256×56×56, ζ={z}, {dtype}, {device}, {torch.get_num_threads()} threads, "
+                  f"malloc {malloc_state}",
                   title_justify="left")
         for col in ("batch", "one pass ms", "fusion ms", "fusion/one pass", "naive ms", "conv1x1 ms", "pix ms"):
             t.add_column(col, justify="right")
@@ -328,12 +337,13 @@ def bench(
     timings = bench_models(original, converted, size, sizes, device, dtypes[dtype], compile, train, rounds,
                            channels_last=channels_last, floor=floor,
                            progress=None if as_json else (lambda m: con.print(f"[dim]timing {m}...[/dim]")))
-    rep = BenchReport(label, zeta, device, torch.get_num_threads(), compile, report_macs, report_params, timings)
+    rep = BenchReport(label, zeta, device, torch.get_num_threads(), compile, report_macs, report_params, timings,
+                      malloc=malloc_state)
     if as_json:
         print(json.dumps(rep.to_json(), indent=2))
         return
     t = Table(title=f"{label}: converted vs original, {device} {dtype}, {rep.threads} threads"
-              + (", torch.compile" if compile else ""), title_justify="left")
+              + (", torch.compile" if compile else "") + f", malloc {malloc_state}", title_justify="left")
     for col in ("measure", "batch", "original ms", "converted ms", "ratio"):
         t.add_column(col, justify="right" if col != "measure" else "left")
     for tm in timings:
