@@ -735,9 +735,8 @@ def _build_kernel(kind: str, tau: float, dtypes: tuple[torch.dtype, ...]) -> Cal
     from torch.fx.experimental.proxy_tensor import make_fx
 
     _import_cpp_extension_quietly()
-    # Example sizes: distinct and >= 2, so that none is specialised or tied to another, and large like a
-    # network's, because inductor plans the loops (what to parallelise, what to vectorise) from them: with
-    # tiny examples the kernel came out twice as slow on 8x256x56x56.
+    # Example sizes: distinct and >= 2, so that none is specialised or tied to another, and of a network's
+    # order, as inductor takes them as size hints when it plans the loops.
     nb, z, s = 509, 3, 3137
     ex = [torch.zeros(nb, z, s, dtype=dtypes[0]), torch.zeros(nb, dtype=dtypes[1])]
     if kind == "fwd":
