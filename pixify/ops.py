@@ -29,7 +29,8 @@ Implementation layout
     kernel that inductor generates from :func:`_fused_even` / :func:`_fused_even_backward` (a
     vectorised C++/OpenMP loop that reads the input once), compiled ahead of time on first use with
     symbolic sizes (``torch._inductor.standalone_compile``; cached on disk by torch, shared by all
-    shapes) and called without dynamo's per-call guards.  ``PIXIFY_COMPILED_KERNELS=0`` or :func:`eager_kernels` turns it
+    shapes) and called without dynamo's per-call guards.  For fp32 inference :func:`pix` runs the whole
+    operator (pooling, φ, sigmoid, fused step) as one such kernel call (``_compiled_pix``).  ``PIXIFY_COMPILED_KERNELS=0`` or :func:`eager_kernels` turns it
     off; if it cannot be built (no C++ compiler) the eager kernels below run, after one warning.
 
   - CPU, "planar" memory (contiguous NCHW / N×C×L) and at least ``_FAST_MIN_NUMEL`` elements, eager:
@@ -690,6 +691,14 @@ def _fused_even_backward(t4: Tensor, p: Tensor, g2: Tensor, tau: float) -> tuple
 
 
 # the generated kernels built so far, by (kind, tau, dtypes); "failed" once a build has failed here
+def _pix_even(t5: Tensor, w: Tensor, tau: float) -> Tensor:
+    """The whole PiX operator for C divisible by zeta, on t5 = x.view(N, G, zeta, S): pooling, φ, sigmoid
+    and :func:`_fused_even`, as :func:`pix` computes them (what the compiled inference kernel runs)."""
+    n, g, z, s = t5.shape
+    p = torch.sigmoid(F.linear(t5.sum(3).reshape(n, g * z) * (1.0 / s), w))
+    return _fused_even(t5.reshape(n * g, z, s), p.reshape(n * g), tau)
+
+
 _COMPILED: dict[str, Any] = {"kernels": {}, "failed": False}
 
 
@@ -739,7 +748,13 @@ def _build_kernel(kind: str, tau: float, dtypes: tuple[torch.dtype, ...]) -> Cal
     # order, as inductor takes them as size hints when it plans the loops.
     nb, z, s = 509, 3, 3137
     ex = [torch.zeros(nb, z, s, dtype=dtypes[0]), torch.zeros(nb, dtype=dtypes[1])]
-    if kind == "fwd":
+    if kind in ("pix", "pix1"):  # the whole operator; "pix1": batch size 1, which the trace specialises
+        ex = [torch.zeros(1 if kind == "pix1" else 2, 167, z, s, dtype=dtypes[0]),  # sizes distinct (duck sizing)
+              torch.zeros(167, 167 * z, dtype=dtypes[1])]
+
+        def impl(t5, w):  # type: ignore[no-untyped-def]
+            return _pix_even(t5, w, tau)
+    elif kind == "fwd":
         # no annotations: make_fx would copy them into the traced code as string globals, which inductor's
         # cache cannot key (it then warns with a traceback and does not cache the kernel)
         def impl(t4, p):  # type: ignore[no-untyped-def]
@@ -769,7 +784,19 @@ def _compiled_even(t4: Tensor, p: Tensor, tau: float, grad: Tensor | None = None
     if not compiled_kernels_enabled() or min(t4.shape) < 2:
         return None
     args = [t4.contiguous(), p.contiguous()] + ([] if grad is None else [grad.contiguous()])
-    key = ("fwd" if grad is None else "bwd", float(tau), *(a.dtype for a in args))
+    return _run_kernel("fwd" if grad is None else "bwd", tau, args)
+
+
+def _compiled_pix(t5: Tensor, w: Tensor, tau: float) -> Tensor | None:
+    """:func:`_pix_even` as one generated kernel call (inference): pooling, φ, sigmoid and the fused step
+    without a Python round trip between them.  t5 (N, G, zeta, S) contiguous, w (G, G*zeta) of its dtype."""
+    if not compiled_kernels_enabled() or min(t5.shape[1:]) < 2:
+        return None
+    return _run_kernel("pix1" if t5.shape[0] == 1 else "pix", tau, [t5, w.contiguous()])
+
+
+def _run_kernel(kind: str, tau: float, args: list[Tensor]) -> Any:
+    key = (kind, float(tau), *(a.dtype for a in args))
     kernels = _COMPILED["kernels"]
     try:
         fn = kernels.get(key)
@@ -1106,6 +1133,28 @@ def _direct_ok(x: Tensor, p: Tensor) -> bool:
     )
 
 
+def _whole_ok(x: Tensor, weight: Tensor, zeta: int, cd: int) -> bool:
+    """Whether :func:`pix` may run as one compiled kernel (:func:`_compiled_pix`): fp32 inference (no
+    gradient wanted, nobody watching the dispatcher) on a contiguous NCHW / N×C×L CPU tensor with C divisible
+    by zeta and φ in the same dtype.  fp32 only, so that the pooled context is summed in the same precision
+    as on the eager path."""
+    return (
+        cd == 1
+        and zeta > 1
+        and x.dim() >= 3
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.shape[1] % zeta == 0
+        and not _reference_active()
+        and _use_fast(x, _COMPILED_MIN_NUMEL)
+        and x.is_contiguous()
+        and isinstance(weight, Tensor)
+        and type(weight) in (Tensor, nn.Parameter)
+        and not (torch.is_grad_enabled() and weight.requires_grad)
+        and _direct_ok(x, x)
+    )
+
+
 def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int = 1) -> Tensor:
     """The full PiX operator: global mean pooling, ``p = sigmoid(z @ weight.T)``, pick-or-mix.
 
@@ -1122,6 +1171,11 @@ def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int
             f"weight must have shape (G, C) = ({g}, {c}) for {c} input channels and zeta={zeta}, "
             f"got {tuple(weight.shape)}"
         )
+    if _whole_ok(x, weight, zeta, cd):
+        n = x.shape[0]
+        out = _compiled_pix(x.view(n, g, zeta, -1), weight, tau)
+        if out is not None:
+            return _own(out.view(n, g, *x.shape[2:]))
     dims = [d for d in range(1, x.dim()) if d != cd]
     # sum · (1/S) rather than mean: the sum's backward is a stride-0 view of the (N, C) gradient, so
     # autograd adds it to the pick-or-mix input gradient without materialising another full tensor

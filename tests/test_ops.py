@@ -613,3 +613,27 @@ def test_groups():
     assert pix_groups(5, 1) == 5
     assert pix_groups(3, 8) == 1
     assert all(pix_groups(c, z) == math.ceil(c / z) for c in range(1, 40) for z in range(1, 9))
+
+
+@pytest.mark.parametrize("shape,zeta", [((1, 256, 28, 28), 4), ((2, 128, 30, 30), 2), ((3, 64, 1000), 8)])
+def test_whole_pix_kernel_equals_reference(shape, zeta):
+    """fp32 inference runs pooling, φ, sigmoid and the fused step as one compiled kernel (batch 1 has its
+    own, as the trace specialises it); it equals the reference, and training never takes it."""
+    if not ops.compiled_kernels_enabled():
+        pytest.skip("compiled kernels disabled (PIXIFY_COMPILED_KERNELS=0)")
+    torch.manual_seed(0)
+    m = PiX(shape[1], zeta)
+    with torch.no_grad():
+        m.weight.normal_()
+    x = torch.randn(shape).relu()
+    with torch.inference_mode():
+        assert ops._whole_ok(x, m.weight, zeta, 1)
+        y = m(x)
+        with reference_mode():
+            yr = m(x)
+    assert ("pix1" if shape[0] == 1 else "pix", 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
+    p = torch.sigmoid(m.weight @ x.flatten(2).mean(2).T).T
+    assert 0.1 < float((p < 0.5).float().mean()) < 0.9  # both branches taken
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    assert not ops._whole_ok(x, m.weight, zeta, 1)  # grad mode, and φ requires grad: the custom op path
+    assert not ops._whole_ok(x.to(torch.float64), m.weight.double(), zeta, 1)
