@@ -30,8 +30,9 @@ Implementation layout
     vectorised C++/OpenMP loop that reads the input once), compiled ahead of time on first use with
     symbolic sizes (``torch._inductor.standalone_compile``; cached on disk by torch, shared by all
     shapes) and called without dynamo's per-call guards.  For fp32 inference :func:`pix` runs the whole
-    operator (pooling, φ, sigmoid, fused step) as one such kernel call (``_compiled_pix``).  ``PIXIFY_COMPILED_KERNELS=0`` or :func:`eager_kernels` turns it
-    off; if it cannot be built (no C++ compiler) the eager kernels below run, after one warning.
+    operator (pooling, φ, sigmoid, fused step) as one such kernel call (``_compiled_pix``).
+    ``PIXIFY_COMPILED_KERNELS=0`` or :func:`eager_kernels` turns them off; if they cannot be built (no
+    C++ compiler) the eager kernels below run, after one warning.
 
   - CPU, "planar" memory (contiguous NCHW / N×C×L) and at least ``_FAST_MIN_NUMEL`` elements, eager:
     with C divisible by zeta, one reduction over ``x.view(N*G, zeta, S)`` for all-mix/all-pick batches
@@ -690,7 +691,6 @@ def _fused_even_backward(t4: Tensor, p: Tensor, g2: Tensor, tau: float) -> tuple
     return grad_t, grad_p
 
 
-# the generated kernels built so far, by (kind, tau, dtypes); "failed" once a build has failed here
 def _pix_even(t5: Tensor, w: Tensor, tau: float) -> Tensor:
     """The whole PiX operator for C divisible by zeta, on t5 = x.view(N, G, zeta, S): pooling, φ, sigmoid
     and :func:`_fused_even`, as :func:`pix` computes them (what the compiled inference kernel runs)."""
@@ -699,6 +699,7 @@ def _pix_even(t5: Tensor, w: Tensor, tau: float) -> Tensor:
     return _fused_even(t5.reshape(n * g, z, s), p.reshape(n * g), tau)
 
 
+# the generated kernels built so far, by (kind, tau, dtypes); "failed" once a build has failed here
 _COMPILED: dict[str, Any] = {"kernels": {}, "failed": False}
 
 
@@ -735,8 +736,9 @@ def _import_cpp_extension_quietly() -> None:
 
 
 def _build_kernel(kind: str, tau: float, dtypes: tuple[torch.dtype, ...]) -> Callable[..., Any]:
-    """Inductor's C++/OpenMP kernel for :func:`_fused_even` (``kind`` "fwd") or
-    :func:`_fused_even_backward` ("bwd") at one tau and input dtypes, for any shape: traced with symbolic
+    """Inductor's C++/OpenMP kernel for :func:`_fused_even` (``kind`` "fwd"), :func:`_fused_even_backward`
+    ("bwd") or :func:`_pix_even` ("pix"; "pix1" for batch size 1) at one tau and input dtypes, for any
+    shape: traced with symbolic
     sizes and compiled ahead of time (``torch._inductor.standalone_compile``).  Calling the artifact skips
     dynamo's per-call frame evaluation and guards, about 0.15 ms per call in a network, which
     dominated PiX at batch 1.  Nothing checks the inputs at call time: :func:`_compiled_even` passes only
@@ -1148,7 +1150,6 @@ def _whole_ok(x: Tensor, weight: Tensor, zeta: int, cd: int) -> bool:
         and not _reference_active()
         and _use_fast(x, _COMPILED_MIN_NUMEL)
         and x.is_contiguous()
-        and isinstance(weight, Tensor)
         and type(weight) in (Tensor, nn.Parameter)
         and not (torch.is_grad_enabled() and weight.requires_grad)
         and _direct_ok(x, x)
