@@ -212,7 +212,7 @@ def bench_models(original: nn.Module, converted: nn.Module, input_size: tuple[in
                 out.float().mean().backward()
             return f
 
-        a, b, ratio, n = time_pair(step(run_o), step(run_c), dev, max(5, rounds // 2), max(1, warmup - 1))
+        a, b, ratio, n = time_pair(step(run_o), step(run_c), dev, rounds, max(1, warmup - 1))
         results.append(Timing("train step (fwd+bwd)" + (" (compiled)" if compile else ""), bs, a, b, ratio, n))
     return results
 
