@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import platform
 import statistics
 import sys
@@ -42,9 +43,9 @@ class Timing:
 # glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit systems
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 << 20
-_MALLOC: dict[str, str] = {}
 
 
+@functools.cache  # once per process: the setting cannot be undone, and a second call has nothing to do
 def tune_malloc() -> str:
     """Make glibc keep freed memory for reuse (process-wide, cannot be undone): blocks up to 32 MiB come
     from the heap instead of fresh ``mmap`` pages, and the heap is never trimmed.
@@ -58,8 +59,6 @@ def tune_malloc() -> str:
     Returns what the benchmark runs with: ``"tuned"``, or ``"system"`` with the reason where this is not
     glibc on Linux (the setting is then left alone).
     """
-    if "state" in _MALLOC:
-        return _MALLOC["state"]
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         state = "system (tuning needs glibc on Linux)"
     else:
@@ -70,7 +69,6 @@ def tune_malloc() -> str:
         except (OSError, AttributeError):
             ok = False
         state = "tuned" if ok else "system (glibc refused mallopt)"
-    _MALLOC["state"] = state
     return state
 
 

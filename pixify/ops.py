@@ -691,19 +691,20 @@ def _fused_even_backward(t4: Tensor, p: Tensor, g2: Tensor, tau: float,
     zero = torch.zeros((), dtype=t4.dtype, device=t4.device)
     if zeta is None:
         z = t4.shape[1]
-        fused = torch.where(pick, t4.amax(1), t4.sum(1) / z)
-        grad_p = (g2.to(acc) * fused.to(acc)).sum(1)
-        gg = g2 * torch.where(pick, pc, pc / z)
-        first = torch.arange(z, device=t4.device)[None, :, None] == t4.argmax(1)[:, None, :]
-        return torch.where(first | ~pick[:, :, None], gg[:, None, :], zero), grad_p
-    rows = [t4[:, j] for j in range(zeta)]
-    mx, sm = rows[0], rows[0]
-    for r in rows[1:]:
-        mx, sm = torch.maximum(mx, r), sm + r
-    fused = torch.where(pick, mx, sm / zeta)
+        mx, sm = t4.amax(1), t4.sum(1)
+    else:
+        z = zeta
+        rows = [t4[:, j] for j in range(zeta)]
+        mx, sm = rows[0], rows[0]
+        for r in rows[1:]:
+            mx, sm = torch.maximum(mx, r), sm + r
+    fused = torch.where(pick, mx, sm / z)
     grad_p = (g2.to(acc) * fused.to(acc)).sum(1)
-    gg = g2 * torch.where(pick, pc, pc / zeta)
+    gg = g2 * torch.where(pick, pc, pc / z)
     mix = ~pick
+    if zeta is None:
+        first = torch.arange(z, device=t4.device)[None, :, None] == t4.argmax(1)[:, None, :]
+        return torch.where(first | mix[:, :, None], gg[:, None, :], zero), grad_p
     free = mx == mx  # where the arg-max row is still to be found (all True; mix bags take gg anyway)
     grads = []
     for r in rows:
@@ -762,12 +763,12 @@ def _import_cpp_extension_quietly() -> None:
 
 def _build_kernel(kind: str, tau: float, dtypes: tuple[torch.dtype, ...]) -> Callable[..., Any]:
     """Inductor's C++/OpenMP kernel for :func:`_fused_even` (``kind`` "fwd"), :func:`_fused_even_backward`
-    ("bwd") or :func:`_pix_even` ("pix"; "pix1" for batch size 1) at one tau and input dtypes, for any
-    shape: traced with symbolic
-    sizes and compiled ahead of time (``torch._inductor.standalone_compile``).  Calling the artifact skips
-    dynamo's per-call frame evaluation and guards, about 0.15 ms per call in a network, which
-    dominated PiX at batch 1.  Nothing checks the inputs at call time: :func:`_compiled_even` passes only
-    contiguous tensors with every size >= 2 (the trace assumes sizes other than 0 and 1)."""
+    ("bwd"; "bwd<zeta>" unrolled for that zeta) or :func:`_pix_even` ("pix"; "pix1" for batch size 1) at one
+    tau and input dtypes, for any shape: traced with symbolic sizes and compiled ahead of time
+    (``torch._inductor.standalone_compile``).  Calling the artifact skips dynamo's per-call frame evaluation
+    and guards, about 0.15 ms per call in a network, which dominated PiX at batch 1.  Nothing checks the
+    inputs at call time: the callers pass only contiguous tensors with every size >= 2 (the trace assumes
+    sizes other than 0 and 1), except the batch size that "pix1" is built for."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     _import_cpp_extension_quietly()
@@ -815,7 +816,7 @@ def _compiled_even(t4: Tensor, p: Tensor, tau: float, grad: Tensor | None = None
         return None
     args = [t4.contiguous(), p.contiguous()] + ([] if grad is None else [grad.contiguous()])
     z = t4.shape[1]
-    kind = "fwd" if grad is None else (f"bwd{z}" if z <= _UNROLL_MAX_ZETA and z not in (509, 3137) else "bwd")
+    kind = "fwd" if grad is None else (f"bwd{z}" if z <= _UNROLL_MAX_ZETA else "bwd")
     return _run_kernel(kind, tau, args)
 
 

@@ -302,6 +302,8 @@ def test_compiled_kernels_any_shape_equal_reference(shape, zeta):
     gxr, gpr = torch.autograd.grad(pick_or_mix_reference(xr, pr, zeta), (xr, pr), g.view(n, -1, *shape[2:]))
     torch.testing.assert_close(gt.view(shape), gxr)
     torch.testing.assert_close(gp.view(p.shape), gpr, rtol=1e-5, atol=1e-4)
+    kind = f"bwd{zeta}" if zeta <= ops._UNROLL_MAX_ZETA else "bwd"  # unrolled, or rolled for a large zeta
+    assert (kind, 0.5, torch.float32, torch.float32, torch.float32) in ops._COMPILED["kernels"]
     assert ops._compiled_even(x.view(-1, zeta, s)[:1], p.view(-1)[:1], 0.5) is None  # a size-1 dim: eager
 
 
