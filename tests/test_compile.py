@@ -25,3 +25,32 @@ def test_compile_fullgraph_matches_eager(zeta):
         want = conv(x)
         got = compiled(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_pix_takes_channels_last_activations(monkeypatch):
+    """Inductor makes convolution outputs channels-last (its layout optimisation); PiX (a flexible_layout
+    custom op) takes them as they are, without a copy back to the NCHW strides seen while tracing, and
+    gives a channels-last output, equal to eager."""
+    from pixify import ops
+
+    seen = []
+    real = ops._forward_impl
+
+    def spy(x, *args):
+        seen.append((x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()))
+        return real(x, *args)
+
+    monkeypatch.setattr(ops, "_forward_impl", spy)
+    torch.manual_seed(0)
+    pix = pixify.PiX(32, 4)
+    with torch.no_grad():
+        pix.weight.normal_()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), pix,
+                                torch.nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 48, 48)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_layout_optimization=True), torch.no_grad():
+        got = torch.compile(model, fullgraph=True)(x)
+        assert seen == [(True, False)], seen  # once, channels-last
+        want = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -339,6 +339,36 @@ def test_compiled_backward_ties_route_to_first_channel():
     torch.testing.assert_close(gp, gpr, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,zeta,cd", [((2, 32, 40, 40), 4, 1), ((1, 24, 60, 50), 3, 1),  # batch 1: own build
+                                           ((3, 700, 64), 2, 2), ((2, 64, 30, 30), 16, 1)])  # tokens; largest zeta
+def test_channels_innermost_kernels_equal_reference(shape, zeta, cd):
+    """Channels-last NCHW and N×L×C tokens (channels innermost) have their own generated kernels, built
+    per zeta: forward and backward equal the reference, output and input gradient keep the layout."""
+    if not ops.compiled_kernels_enabled():
+        pytest.skip("compiled kernels disabled (PIXIFY_COMPILED_KERNELS=0)")
+    x = make_x(shape, "cl" if len(shape) == 4 else "contig", kind="repeat", cd=cd)  # ties in every sample
+    n, c = shape[0], shape[cd]
+    p = make_p(n, c // zeta)
+    xa, pa = x.clone().requires_grad_(), p.clone().requires_grad_()
+    xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
+    y, yr = pick_or_mix(xa, pa, zeta, channel_dim=cd), pick_or_mix_reference(xr, pr, zeta, channel_dim=cd)
+    torch.testing.assert_close(y, yr)
+    g = torch.randn(y.shape)
+    gx, gp = torch.autograd.grad(y, (xa, pa), g)
+    gxr, gpr = torch.autograd.grad(yr, (xr, pr), g)
+    torch.testing.assert_close(gx, gxr)  # ties: the first channel at the max, as the reference
+    torch.testing.assert_close(gp, gpr, rtol=1e-5, atol=1e-4)
+    batch = "/1" if n == 1 else ""
+    for kind in ("cl-fwd", "cl-bwd"):
+        assert (f"{kind}{zeta}{batch}", 0.5, torch.float32, torch.float32) + ((torch.float32,) if "bwd" in kind
+                                                                            else ()) in ops._COMPILED["kernels"]
+    if len(shape) == 4:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert gx.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(pick_or_mix(x, p, zeta, channel_dim=cd), yr)  # the direct inference path
+
+
 def test_compiled_kernel_failure_falls_back_once(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler\nmore detail")
@@ -617,25 +647,37 @@ def test_groups():
     assert all(pix_groups(c, z) == math.ceil(c / z) for c in range(1, 40) for z in range(1, 9))
 
 
-@pytest.mark.parametrize("shape,zeta", [((1, 256, 28, 28), 4), ((2, 128, 30, 30), 2), ((3, 64, 1000), 8)])
-def test_whole_pix_kernel_equals_reference(shape, zeta):
+@pytest.mark.parametrize("shape,zeta,layout", [((1, 256, 28, 28), 4, "contig"), ((2, 128, 30, 30), 2, "contig"),
+                                               ((3, 64, 1000), 8, "contig"), ((1, 256, 28, 28), 4, "cl"),
+                                               ((2, 120, 30, 30), 3, "cl"), ((2, 900, 96), 4, "tokens")])
+def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
     """fp32 inference runs pooling, φ, sigmoid and the fused step as one compiled kernel (batch 1 has its
-    own, as the trace specialises it); it equals the reference, and training never takes it."""
+    own, as the trace specialises it; channels innermost, one per zeta); it equals the reference and keeps
+    the input's layout, and training never takes it."""
     if not ops.compiled_kernels_enabled():
         pytest.skip("compiled kernels disabled (PIXIFY_COMPILED_KERNELS=0)")
     torch.manual_seed(0)
-    m = PiX(shape[1], zeta)
+    cd = 2 if layout == "tokens" else 1
+    m = PiX(shape[cd], zeta, channel_dim=cd)
     with torch.no_grad():
         m.weight.normal_()
     x = torch.randn(shape).relu()
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        assert ops._whole_ok(x, m.weight, zeta, 1)
+        assert ops._whole_ok(x, m.weight, zeta, cd)
         y = m(x)
         with reference_mode():
             yr = m(x)
-    assert ("pix1" if shape[0] == 1 else "pix", 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
-    p = torch.sigmoid(m.weight @ x.flatten(2).mean(2).T).T
+    if layout == "contig":
+        kind = "pix1" if shape[0] == 1 else "pix"
+    else:
+        kind = f"cl-pix{zeta}" + ("/1" if shape[0] == 1 else "")
+    assert (kind, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
+    z = x.mean(2 if cd == 1 else 1).flatten(1) if x.dim() == 3 else x.flatten(2).mean(2)
+    p = torch.sigmoid(z @ m.weight.T)
     assert 0.1 < float((p < 0.5).float().mean()) < 0.9  # both branches taken
     torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
-    assert not ops._whole_ok(x, m.weight, zeta, 1)  # grad mode, and φ requires grad: the custom op path
-    assert not ops._whole_ok(x.to(torch.float64), m.weight.double(), zeta, 1)
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
+    assert not ops._whole_ok(x, m.weight, zeta, cd)  # grad mode, and φ requires grad: the custom op path
+    assert not ops._whole_ok(x.to(torch.float64), m.weight.double(), zeta, cd)
