@@ -25,6 +25,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .ops import eager_kernels
+
 __all__ = ["ZooEntry", "ZooResult", "torchvision_entries", "timm_entries", "all_entries", "run_one", "run_entry",
            "OK_STATUSES"]
 
@@ -322,7 +324,10 @@ def run_entry(entry: ZooEntry, modes: tuple[str, ...] = MODES, timeout: float = 
     wd = Path(tmp.name if tmp else workdir)
     t0 = time.perf_counter()
     try:
-        with warnings.catch_warnings(), _time_limit(timeout):
+        # eager kernels: a handful of one-off passes per model, where building a generated kernel for
+        # every zeta and layout met would cost more than it saves (and count against the time limit);
+        # tests/test_ops.py proves those kernels equal to the eager ones
+        with warnings.catch_warnings(), _time_limit(timeout), eager_kernels():
             warnings.simplefilter("ignore")
             stage = "build"
             try:
