@@ -1318,8 +1318,9 @@ def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int
             f"got {tuple(weight.shape)}"
         )
     if _whole_ok(x, weight, zeta, cd):
-        t, layout = _canon(x, cd)
-        if _moved(x, cd, 1 if layout == _PLANAR else x.dim() - 1).is_contiguous():  # no copy made
+        layout = _layout_of(x, cd)
+        if _moved(x, cd, 1 if layout == _PLANAR else x.dim() - 1).is_contiguous():  # dense: no copy to make
+            t = _canon(x, cd)[0]
             t4 = _compiled_view(x, t, zeta, layout)
             if t4 is not None:
                 if layout == _PLANAR:

@@ -681,3 +681,22 @@ def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
     assert y.is_contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
     assert not ops._whole_ok(x, m.weight, zeta, cd)  # grad mode, and φ requires grad: the custom op path
     assert not ops._whole_ok(x.to(torch.float64), m.weight.double(), zeta, cd)
+
+
+def test_whole_pix_non_dense_input_takes_the_op_path(monkeypatch):
+    """A strided view (neither planar nor channels innermost) skips the whole-operator kernel without
+    copying for it, and still equals the reference."""
+    calls = []
+    monkeypatch.setattr(ops, "_compiled_pix", lambda *a, **k: calls.append(a) or None)
+    torch.manual_seed(0)
+    m = PiX(64, 4)
+    with torch.no_grad():
+        m.weight.normal_()
+    x = make_x((2, 64, 40, 40), "noncontig")
+    with torch.inference_mode():
+        assert ops._whole_ok(x, m.weight, 4, 1)
+        y = m(x)
+        with reference_mode():
+            yr = m(x)
+    assert calls == []
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
