@@ -1282,19 +1282,16 @@ def _direct_ok(x: Tensor, p: Tensor) -> bool:
     )
 
 
-def _whole_ok(x: Tensor, weight: Tensor, zeta: int, cd: int) -> bool:
-    """Whether :func:`pix` may run as one compiled kernel (:func:`_compiled_pix`): fp32 inference (no
-    gradient wanted, nobody watching the dispatcher) on a CPU tensor that :func:`_compiled_view` takes
-    (C divisible by zeta, planar or channels innermost), with φ in the same dtype.  fp32 only, so that the
-    pooled context is summed in the same precision as on the eager path."""
+def _whole_ok(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`pix` may try the one compiled kernel (:func:`_compiled_pix`): fp32 inference (no
+    gradient wanted, nobody watching the dispatcher) with φ in the same dtype.  fp32 only, so that the
+    pooled context is summed in the same precision as on the eager path.  Whether the kernel takes x
+    (zeta, C divisible by zeta, device, size) is :func:`_compiled_view`'s test, which :func:`pix` applies next."""
     return (
-        zeta > 1
-        and x.dim() >= 3
+        x.dim() >= 3
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and x.shape[cd] % zeta == 0
         and not _reference_active()
-        and _use_fast(x, _COMPILED_MIN_NUMEL)
         and type(weight) in (Tensor, nn.Parameter)
         and not (torch.is_grad_enabled() and weight.requires_grad)
         and _direct_ok(x, x)
@@ -1317,7 +1314,7 @@ def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int
             f"weight must have shape (G, C) = ({g}, {c}) for {c} input channels and zeta={zeta}, "
             f"got {tuple(weight.shape)}"
         )
-    if _whole_ok(x, weight, zeta, cd):
+    if _whole_ok(x, weight):
         layout = _layout_of(x, cd)
         if _moved(x, cd, 1 if layout == _PLANAR else x.dim() - 1).is_contiguous():  # dense: no copy to make
             t = _canon(x, cd)[0]

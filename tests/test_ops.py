@@ -686,7 +686,7 @@ def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
     if layout == "cl":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        assert ops._whole_ok(x, m.weight, zeta, cd)
+        assert ops._whole_ok(x, m.weight)
         y = m(x)
         with reference_mode():
             yr = m(x)
@@ -700,8 +700,8 @@ def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
     assert 0.1 < float((p < 0.5).float().mean()) < 0.9  # both branches taken
     torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
-    assert not ops._whole_ok(x, m.weight, zeta, cd)  # grad mode, and φ requires grad: the custom op path
-    assert not ops._whole_ok(x.to(torch.float64), m.weight.double(), zeta, cd)
+    assert not ops._whole_ok(x, m.weight)  # grad mode, and φ requires grad: the custom op path
+    assert not ops._whole_ok(x.to(torch.float64), m.weight.double())
 
 
 def test_whole_pix_non_dense_input_takes_the_op_path(monkeypatch):
@@ -715,7 +715,7 @@ def test_whole_pix_non_dense_input_takes_the_op_path(monkeypatch):
         m.weight.normal_()
     x = make_x((2, 64, 40, 40), "noncontig")
     with torch.inference_mode():
-        assert ops._whole_ok(x, m.weight, 4, 1)
+        assert ops._whole_ok(x, m.weight)
         y = m(x)
         with reference_mode():
             yr = m(x)
