@@ -804,7 +804,7 @@ def _build_kernel(kind: str, tau: float, dtypes: tuple[torch.dtype, ...]) -> Cal
     and compiled ahead of time (``torch._inductor.standalone_compile``).  ``kind``:
 
     * planar memory (channels outside the pixels): "fwd" :func:`_fused_even`; "bwd"
-      :func:`_fused_even_backward` ("bwd<zeta>" unrolled for that zeta); "pix" :func:`_pix_even` ("pix1"
+      :func:`_fused_even_backward` ("bwd<zeta>" unrolled for that zeta); "pix" :func:`_pix_even` ("pix/1"
       for batch size 1, which the trace specialises);
     * channels innermost (channels-last NCHW, N×L×C tokens), each built for one zeta and with a batch-1
       build apart, as the batch is a dimension of their inputs: "cl-fwd<zeta>" :func:`_fused_interleaved`,
@@ -822,7 +822,7 @@ def _build_kernel(kind: str, tau: float, dtypes: tuple[torch.dtype, ...]) -> Cal
     # of a network's order, as inductor takes them as size hints when it plans the loops.
     nb, z, s, g = 509, 3, 3137, 167
     base, _, batch = kind.partition("/")
-    n = 1 if batch == "1" or base == "pix1" else 2
+    n = 1 if batch == "1" else 2
     # "bwd<zeta>": the backward unrolled for zeta; channels innermost, every kind is built for one zeta
     unroll = None
     if base.startswith(("bwd", "cl-")):
@@ -832,7 +832,7 @@ def _build_kernel(kind: str, tau: float, dtypes: tuple[torch.dtype, ...]) -> Cal
     zz = unroll or z
     # impl: no annotations, else make_fx copies them into the traced code as string globals, which
     # inductor's cache cannot key (it then warns with a traceback and does not cache the kernel)
-    if base in ("pix", "pix1"):
+    if base == "pix":
         ex = [torch.zeros(n, g, z, s, dtype=dtypes[0]), torch.zeros(g, g * z, dtype=dtypes[1])]
 
         def impl(t5, w):  # type: ignore[no-untyped-def]
@@ -912,12 +912,12 @@ def _compiled_pix(t: Tensor, w: Tensor, tau: float, zeta: int | None = None) -> 
     if not compiled_kernels_enabled() or min(t.shape[1:]) < 2:
         return None
     if zeta is None:
-        kind = "pix1" if t.shape[0] == 1 else "pix"
+        kind = "pix"
     elif zeta <= _UNROLL_MAX_ZETA:
-        kind = f"cl-pix{zeta}" + ("/1" if t.shape[0] == 1 else "")
+        kind = f"cl-pix{zeta}"
     else:
         return None
-    return _run_kernel(kind, tau, [t, w.contiguous()])
+    return _run_kernel(kind + ("/1" if t.shape[0] == 1 else ""), tau, [t, w.contiguous()])
 
 
 def _run_kernel(kind: str, tau: float, args: list[Tensor]) -> Any:

@@ -691,7 +691,7 @@ def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
         with reference_mode():
             yr = m(x)
     if layout == "contig":
-        kind = "pix1" if shape[0] == 1 else "pix"
+        kind = "pix/1" if shape[0] == 1 else "pix"
     else:
         kind = f"cl-pix{zeta}" + ("/1" if shape[0] == 1 else "")
     assert (kind, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
