@@ -560,10 +560,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         cmd = exc.ctx.command_path if exc.ctx else "pixify"
         print(f"error: {exc.format_message()} (see '{cmd} --help')", file=sys.stderr)
         return 2
-    except _cx.Abort:
+    except typer.Abort:  # public in typer (its vendored click has no Abort/Exit)
         print("aborted", file=sys.stderr)
         return 130
-    except _cx.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

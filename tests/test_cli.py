@@ -104,6 +104,18 @@ def test_rules_command_lists_builtin_rules(capsys):
     assert rc == 0 and "conv1x1-squeeze" in out and "paper-resnet-bottleneck-conv1" in out
 
 
+def test_a_bug_in_a_command_surfaces_as_itself(monkeypatch):
+    """An unexpected exception (a bug, not a user error) propagates unchanged, with its traceback."""
+    import pixify.rules
+
+    def broken():
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(pixify.rules, "all_rules", broken)
+    with pytest.raises(RuntimeError, match="planted bug"):
+        main(["rules"])
+
+
 @pytest.mark.parametrize("cmd", ["convert", "inspect", "rules"])
 def test_every_command_help_shows_an_example(capsys, cmd):
     rc, out, err = _run([cmd, "--help"], capsys)
