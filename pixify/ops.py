@@ -52,9 +52,11 @@ Implementation layout
   - CPU, "interleaved" memory (channels_last NCHW, N×L×C tokens): channels are innermost; the group max
     comes from ``max_pool1d``, the group sum from a small block-diagonal matmul, then an output-sized
     select (reads the input twice).
-  - anything else (CUDA, other dtypes, small tensors): the generic formulation -- two grouped
-    reductions and an output-sized select (never a select over the full-size input); backward with
-    ``torch.max`` indices.
+  - CUDA (fp32, fp16, bf16; any layout, any C) with Triton installed: one Triton kernel
+    (:mod:`pixify.triton_kernels`) for the forward and one for the backward, each reading the input once.
+  - anything else (other dtypes, CUDA without Triton, small CPU tensors): the generic formulation -- two
+    grouped reductions and an output-sized select (never a select over the full-size input); backward
+    with ``torch.max`` indices.
 * :func:`pick_or_mix_reference` is plain differentiable PyTorch used for ONNX export and equality tests;
   :func:`reference_mode` makes :func:`pick_or_mix` / :func:`pix` use it.  ``torch.onnx.export``
   (dynamo) needs it (or :func:`pix_decompositions` applied to an ExportedProgram): the exporter has no
@@ -78,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import triton_kernels
 from .errors import PixifyError
 
 __all__ = [
@@ -1138,6 +1141,9 @@ def _forward_impl(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int)
     x = x.detach()
     p = p.detach()
     t, layout = _canon(x, cd)
+    if triton_kernels.available(x):
+        out3 = _empty_canon(x, t.shape[0], p.shape[1], t.shape[2], layout)
+        return _own(_uncanon(triton_kernels.forward(t, p, zeta, tau, out3), x.shape, cd, layout))
     t4 = _compiled_view(x, t, zeta, layout)
     if t4 is None:
         out = None
@@ -1163,6 +1169,10 @@ def _backward_impl(
     cd = _norm_dim(channel_dim, x.dim())
     x, p, grad = x.detach(), p.detach(), grad.detach()
     t, layout = _canon(x, cd)
+    if triton_kernels.available(x):  # the kernel reads the gradient with any strides
+        gt = _empty_canon(x, t.shape[0], t.shape[1], t.shape[2], layout)
+        gt, gp = triton_kernels.backward(_canon(grad, cd)[0], t, p, zeta, tau, gt)
+        return _own(_uncanon(gt, x.shape, cd, layout)), _own(gp.to(p.dtype))
     g3 = _as_layout(_canon(grad, cd)[0], layout)
     t4 = _compiled_view(x, t, zeta, layout)
     res = None
@@ -1188,6 +1198,8 @@ def _backward_impl(
 # custom ops
 
 
+_FLEXIBLE = tuple(t for t in [getattr(torch._C.Tag, "flexible_layout", None)] if t is not None)  # torch >= 2.5
+
 # flexible_layout (the forward): under torch.compile inductor passes x in the layout it chose (channels-last
 # activations, with its layout optimisation for convolutions) instead of copying it back to the strides
 # seen while tracing; the kernels take planar and channels-innermost memory alike, and the fake kernel
@@ -1196,7 +1208,7 @@ def _backward_impl(
 # (8x256x56x56, zeta 4: 29 ms, against 2 ms for the planar kernel).
 
 
-@torch.library.custom_op("pixify::pick_or_mix", mutates_args=(), tags=(torch._C.Tag.flexible_layout,))
+@torch.library.custom_op("pixify::pick_or_mix", mutates_args=(), tags=_FLEXIBLE)
 def _pick_or_mix_op(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int) -> Tensor:
     return _forward_impl(x, p, zeta, tau, channel_dim)
 

@@ -1,0 +1,142 @@
+"""Triton kernels for the fused pick-or-mix step on CUDA (forward and backward).
+
+The kernels take the canonical (N, C, S) view of the input (see ``ops``) with any strides, so planar
+(contiguous NCHW, N×C×L) and channels-innermost memory (channels-last NCHW, N×L×C tokens) are both read
+in place, and write outputs in the layout the caller allocated.  One program reduces a tile of
+``BLOCK_G`` subsets × ``BLOCK_S`` positions of one sample: it reads each input element once, keeps the
+max, its first arg-max and the sum in fp32 registers, and writes the (N, G, S) output (forward) or the
+input gradient and per-tile partial sums of the ``p`` gradient (backward; summed on the host, so the
+result does not depend on the order the tiles ran in).  Any C is handled: the last subset may be short.
+
+``ops`` calls :func:`forward` / :func:`backward` for CUDA tensors when :func:`available` is true.  With
+``TRITON_INTERPRET=1`` set before triton is imported, the same kernel runs on CPU tensors in Triton's
+interpreter: the tests check it that way on machines without a GPU (``tests/test_triton.py``).
+
+NaN handling follows ``torch.max``: a NaN in a pick subset is its maximum (the first NaN is the arg-max);
+a NaN in a mix subset makes its mean NaN.
+"""
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # triton ships with CUDA builds of torch on Linux; without it CUDA uses the generic kernels
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+# kernel annotations are evaluated (no ``from __future__ import annotations``): Triton and its interpreter
+# recognise compile-time constants by the tl.constexpr annotation itself
+constexpr = tl.constexpr if tl is not None else int
+
+__all__ = ["available", "backward", "forward"]
+
+# dtypes the kernels read and write (reductions in fp32); others use ops' generic kernels
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available(x: Tensor) -> bool:
+    """Whether the Triton kernels take this tensor: CUDA, a supported dtype, Triton importable."""
+    return triton is not None and x.is_cuda and x.dtype in DTYPES
+
+
+def _pix_kernel(x_ptr, p_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, sxc, sxs, sgn, sgg, sgs, son, soc, sos,
+                tau, ZETA: constexpr, BLOCK_G: constexpr, BLOCK_S: constexpr,
+                BACKWARD: constexpr):
+    """Forward: o (N, G, S) = the output.  Backward: o (N, C, S) = the input gradient for g (N, G, S),
+    and gp (N, G, programs along S) = per-tile partial sums of the p gradient."""
+    n = tl.program_id(2)
+    sb = tl.program_id(0)
+    gi = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    si = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    gmask = gi < G
+    mask = gmask[:, None] & (si < S)[None, :]
+    size_i = tl.maximum(tl.minimum(C - gi * ZETA, ZETA), 1)  # >= 1 also in masked lanes
+    size = size_i.to(tl.float32)
+    # one read of every input element: max, first arg-max and sum of each subset, in fp32
+    xb = x_ptr + n * sxn + (gi * ZETA)[:, None] * sxc + si[None, :] * sxs
+    mx = tl.full((BLOCK_G, BLOCK_S), float("-inf"), tl.float32)
+    arg = tl.zeros((BLOCK_G, BLOCK_S), tl.int32)
+    acc = tl.zeros((BLOCK_G, BLOCK_S), tl.float32)
+    for j in tl.static_range(ZETA):
+        m = mask & (size_i > j)[:, None]
+        v = tl.load(xb + j * sxc, mask=m, other=float("-inf")).to(tl.float32)
+        # strictly greater keeps the first arg-max; a NaN wins once and then stays (as torch.max)
+        better = (v > mx) | ((v != v) & (mx == mx))
+        mx = tl.where(better, v, mx)
+        arg = tl.where(better, j, arg)
+        acc += tl.where(m, v, 0.0)
+    p = tl.load(p_ptr + n * G + gi, mask=gmask, other=1.0).to(tl.float32)
+    pick = p < tau
+    coef = tl.where(pick, p, p / size)
+    if BACKWARD:
+        g = tl.load(g_ptr + n * sgn + gi[:, None] * sgg + si[None, :] * sgs, mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        # the p gradient: sum over positions of g * fused (the max for pick, the mean for mix)
+        fused = tl.where(mask, tl.where(pick[:, None], mx, acc / size[:, None]), 0.0)  # no -inf outside
+        part = tl.sum(g * fused, axis=1)
+        tl.store(gp_ptr + (n * G + gi) * tl.num_programs(0) + sb, part, mask=gmask)
+        # the input gradient: p*g to the first arg-max (pick), p*g/|subset| to every member (mix)
+        gc = g * coef[:, None]
+        ob = o_ptr + n * son + (gi * ZETA)[:, None] * soc + si[None, :] * sos
+        for j in tl.static_range(ZETA):
+            val = tl.where(pick[:, None] & (arg != j), 0.0, gc)
+            tl.store(ob + j * soc, val.to(o_ptr.dtype.element_ty), mask=mask & (size_i > j)[:, None])
+    else:
+        y = tl.where(pick[:, None], mx, acc) * coef[:, None]
+        ob = o_ptr + n * son + gi[:, None] * soc + si[None, :] * sos
+        tl.store(ob, y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+# With TRITON_INTERPRET=1 in the environment (before triton is imported), triton.jit gives the interpreted
+# kernel, which runs on CPU tensors: the tests check the kernels that way on machines without a GPU.
+_KERNEL = triton.jit(_pix_kernel) if triton is not None else None
+
+
+def _blocks(g: int, s: int, channels_inner: bool) -> tuple[int, int]:
+    """Tile shape (BLOCK_G, BLOCK_S): about 2048 outputs per program, long along the contiguous axis."""
+    if channels_inner:
+        bg = min(triton.next_power_of_2(g), 64)
+        bs = max(2048 // bg, 1)
+        bs = min(bs, triton.next_power_of_2(s))
+    else:
+        bs = min(triton.next_power_of_2(s), 256)
+        bg = min(max(2048 // bs, 1), triton.next_power_of_2(g))
+    return bg, bs
+
+
+def forward(t: Tensor, p: Tensor, zeta: int, tau: float, out: Tensor) -> Tensor:
+    """out (N, G, S) = pick-or-mix of t (N, C, S) given p (N, G); any strides; returns out."""
+    n, c, s = t.shape
+    g = p.shape[1]
+    if n == 0 or s == 0 or g == 0:
+        return out
+    p = p.contiguous()
+    bg, bs = _blocks(g, s, t.stride(1) == 1 and s > 1)
+    grid = (triton.cdiv(s, bs), triton.cdiv(g, bg), n)
+    _KERNEL[grid](
+        t, p, t, out, out, c, g, s, *t.stride(), 0, 0, 0, *out.stride(), float(tau),
+        ZETA=zeta, BLOCK_G=bg, BLOCK_S=bs, BACKWARD=False,
+    )
+    return out
+
+
+def backward(grad: Tensor, t: Tensor, p: Tensor, zeta: int, tau: float, grad_t: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad_t (N, C, S) filled in place, grad_p (N, G) fp32) for the gradient ``grad`` (N, G, S)."""
+    n, c, s = t.shape
+    g = p.shape[1]
+    if n == 0 or s == 0 or g == 0:
+        return grad_t.zero_(), torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    p = p.contiguous()
+    bg, bs = _blocks(g, s, t.stride(1) == 1 and s > 1)
+    grid = (triton.cdiv(s, bs), triton.cdiv(g, bg), n)
+    parts = torch.empty((n, g, grid[0]), dtype=torch.float32, device=t.device)
+    _KERNEL[grid](
+        t, p, grad, grad_t, parts, c, g, s, *t.stride(), *grad.stride(), *grad_t.stride(), float(tau),
+        ZETA=zeta, BLOCK_G=bg, BLOCK_S=bs, BACKWARD=True,
+    )
+    return grad_t, parts.sum(2)

@@ -1,0 +1,212 @@
+"""The Triton kernels of PiX (pixify/triton_kernels.py) against the reference path.
+
+They run on CUDA.  Without a GPU, ``test_triton_kernels_in_interpreter`` runs this file again in a
+subprocess under Triton's interpreter (``TRITON_INTERPRET=1``), where the same kernels take CPU tensors
+and ``ops`` is made to route CPU tensors to them; the other tests are skipped in the outer run.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from timm.models.resnet import Bottleneck, ResNet
+
+import pixify
+from pixify import ops, triton_kernels
+from pixify.ops import pick_or_mix, pick_or_mix_reference
+from conftest import randomize_pix
+
+INTERPRET = os.environ.get("PIXIFY_TEST_TRITON_INTERPRET") == "1"
+if INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available() and triton_kernels.triton is not None:
+    DEVICE = "cuda"
+else:
+    DEVICE = None
+
+needs_kernels = pytest.mark.skipif(DEVICE is None, reason="no CUDA device (the interpreter run covers these)")
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count the Triton kernel launches (and, in the interpreter, route CPU tensors to them)."""
+    seen = {"forward": 0, "backward": 0}
+    fwd, bwd = triton_kernels.forward, triton_kernels.backward
+
+    def forward(*a, **k):
+        seen["forward"] += 1
+        return fwd(*a, **k)
+
+    def backward(*a, **k):
+        seen["backward"] += 1
+        return bwd(*a, **k)
+
+    monkeypatch.setattr(triton_kernels, "forward", forward)
+    monkeypatch.setattr(triton_kernels, "backward", backward)
+    if INTERPRET:
+        monkeypatch.setattr(triton_kernels, "available", lambda x: x.dtype in triton_kernels.DTYPES)
+    return seen
+
+
+def make(layout, n, c, spatial, dtype, ties):
+    """x in the given memory layout; returns (x, channel_dim)."""
+    if ties:  # few distinct values: many ties for the arg-max, exact in every dtype
+        base = torch.randint(-3, 4, (n, c, *spatial)).to(torch.float64)
+    else:
+        base = torch.randn(n, c, *spatial, dtype=torch.float64)
+    x = base.to(dtype)
+    if layout == "nchw":
+        return x.to(DEVICE), 1
+    if layout == "channels_last":
+        return x.to(DEVICE).contiguous(memory_format=torch.channels_last), 1
+    if layout == "tokens":  # N×L×C, channels innermost
+        return x.flatten(2).transpose(1, 2).contiguous().to(DEVICE), -1
+    if layout == "strided":  # neither layout: every other column
+        wide = torch.cat([x, x], dim=-1).to(DEVICE)
+        return wide[..., ::2], 1
+    raise ValueError(layout)
+
+
+def layout_of(t, cd):
+    return ops._layout_of(t, ops._norm_dim(cd, t.dim()))
+
+
+CASES = [  # (channels, zeta): divisible, a short last subset, odd zeta, zeta 1, one subset
+    (16, 4), (13, 4), (10, 3), (6, 1), (5, 8),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens", "strided"])
+@pytest.mark.parametrize("c,zeta", CASES)
+def test_forward_backward_match_reference(calls, c, zeta, layout, dtype):
+    x, cd = make(layout, 3, c, (5, 7), dtype, ties=(c == 13))
+    g = -(-c // zeta)
+    p = torch.rand(3, g, device=DEVICE)
+    p[0, 0], p[1, 0] = 0.2, 0.8  # both branches in every case
+    xr = x.detach().double().requires_grad_()
+    pr = p.double().requires_grad_()
+    want = pick_or_mix_reference(xr, pr, zeta, 0.5, cd)
+    grad = torch.randn(want.shape, dtype=torch.float64, device=DEVICE)
+    want.backward(grad)
+
+    xg = x.detach().requires_grad_()
+    pg = p.clone().requires_grad_()
+    got = pick_or_mix(xg, pg, zeta, 0.5, cd)
+    got.backward(grad.to(dtype))
+    assert calls == {"forward": 1, "backward": 1}
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(xg.grad.double(), xr.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(pg.grad.double(), pr.grad, rtol=tol * 10, atol=tol * 10)
+    assert got.dtype == dtype and xg.grad.dtype == dtype and pg.grad.dtype == p.dtype
+    if layout != "strided":  # the output and the gradient keep the input's layout
+        if g > 1:  # with one output channel both layouts are the same strides
+            assert layout_of(got, cd) == layout_of(x, cd)
+        assert xg.grad.stride() == x.stride()
+
+
+@needs_kernels
+def test_ties_send_the_gradient_to_the_first_maximum(calls):
+    x = torch.tensor([[[1.0], [3.0], [3.0], [2.0]]], device=DEVICE)  # N=1, C=4, S=1
+    x.requires_grad_()
+    p = torch.tensor([[0.1]], device=DEVICE)  # pick
+    y = pick_or_mix(x, p, 4, 0.5)
+    y.backward(torch.ones_like(y))
+    assert y.item() == pytest.approx(0.3)
+    assert x.grad.flatten().tolist() == pytest.approx([0.0, 0.1, 0.0, 0.0])
+
+
+@needs_kernels
+def test_nan_and_inf_follow_the_reference(calls):
+    x = torch.randn(2, 8, 3, device=DEVICE)
+    x[0, 1, 0] = float("nan")  # pick subset 0 of sample 0: the maximum is NaN
+    x[1, 5, 1] = float("nan")  # mix subset 1 of sample 1: the mean is NaN
+    x[0, 4:8, 2] = float("-inf")  # a pick subset of -inf only
+    p = torch.tensor([[0.1, 0.2], [0.9, 0.7]], device=DEVICE)
+    got = pick_or_mix(x, p, 4, 0.5)
+    want = pick_or_mix_reference(x, p, 4, 0.5)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert calls["forward"] == 1
+
+
+@needs_kernels
+def test_empty_batch(calls):
+    x = torch.randn(0, 8, 4, 4, device=DEVICE, requires_grad=True)
+    p = torch.rand(0, 2, device=DEVICE, requires_grad=True)
+    y = pick_or_mix(x, p, 4, 0.5)
+    assert y.shape == (0, 2, 4, 4)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and p.grad.shape == p.shape
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_tensor_many_tiles(calls, dtype, channels_last):
+    x = torch.randn(8, 256, 56, 56, device=DEVICE).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    p = torch.rand(8, 64, device=DEVICE)
+    x.requires_grad_()
+    got = pick_or_mix(x, p, 4, 0.5)
+    want = pick_or_mix_reference(x.detach().double(), p.double(), 4, 0.5)
+    torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype])
+    got.backward(torch.ones_like(got))
+    assert calls == {"forward": 1, "backward": 1}
+
+
+def decisive_pix(model):
+    """φ rows of alternating sign (±1/C): the PiX inputs are ReLU outputs (z >= 0), so p = sigmoid(±mean z)
+    is away from tau (and from 0 and 1) and no pick/mix decision flips between eager and compiled rounding."""
+    from pixify.ops import PiX
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PiX):
+                sign = torch.ones(m.weight.shape[0], 1)
+                sign[1::2] = -1
+                m.weight.copy_(sign.expand_as(m.weight) / m.weight.shape[1])
+    return model
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_compile_fullgraph_on_cuda_matches_eager(dtype):
+    torch.manual_seed(0)
+    model = ResNet(block=Bottleneck, layers=[1, 1, 1, 1], stem_width=16, num_classes=10).eval()
+    conv, rep = pixify.convert(model, zeta=2, example_input=torch.randn(1, 3, 32, 32))
+    assert rep.count("pure") + rep.count("hybrid") == 3
+    conv = decisive_pix(randomize_pix(conv)).eval().to(DEVICE, dtype)
+    x = torch.randn(4, 3, 32, 32, device=DEVICE, dtype=dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(conv, fullgraph=True)
+    # TF32 off: eager and inductor pick different convolution algorithms and layouts, whose TF32 rounding
+    # differs by about 1e-3 per layer
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        want = conv(x).double()
+        got = compiled(x).double()
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < (1e-4 if dtype == torch.float32 else 1e-2), err
+
+
+@pytest.mark.skipif(INTERPRET, reason="this is the outer run")
+@pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
+def test_triton_kernels_in_interpreter():
+    """The kernel tests above, on CPU tensors under Triton's interpreter (a subprocess: the interpreter
+    must be chosen before triton is imported)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PIXIFY_TEST_TRITON_INTERPRET="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_triton.py"),
+         "-k", "not in_interpreter"],
+        env=env, cwd=os.path.dirname(here), capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "failed" not in res.stdout
