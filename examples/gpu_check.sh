@@ -26,6 +26,9 @@ px bench resnet50 --zeta auto --batch-size 1,64 --device cuda --dtype float16 --
 px bench resnet50 --zeta auto --batch-size 1,64 --device cuda --dtype bfloat16 --rounds 30
 echo "== ResNet-50 --zeta auto, --compile"
 px bench resnet50 --zeta auto --batch-size 1,64 --device cuda --dtype float16 --rounds 30 --compile --no-train
+echo "== ResNet-50 --zeta auto, --compile-mode reduce-overhead (CUDA graphs: no per-kernel launch cost)"
+px bench resnet50 --zeta auto --batch-size 1,64 --device cuda --dtype float16 --rounds 30 \
+  --compile-mode reduce-overhead --no-train --floor
 echo "== where the time goes: syncs and torch.profiler (batch 1, float16)"
 timeout 120 python3 examples/gpu_profile.py resnet50 --batch-size 1 --dtype float16 --rows 10
 echo "== kernels, device time (do_bench)"

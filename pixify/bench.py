@@ -146,11 +146,12 @@ def bench_models(original: nn.Module, converted: nn.Module, input_size: tuple[in
                  batch_sizes: tuple[int, ...] = (1, 8), device: str = "cpu", dtype: torch.dtype = torch.float32,
                  compile: bool = False, train: bool = True, rounds: int = 15, warmup: int = 3,
                  channels_last: bool = False, progress: Callable[[str], None] | None = None,
-                 floor: bool = False) -> list[Timing]:
+                 floor: bool = False, compile_mode: str | None = None) -> list[Timing]:
     """Latency of ``converted`` vs ``original``: inference per batch size, and a training step.
 
     ``floor``: also time (inference) a copy of the converted model whose PiX modules cost nothing
     (:func:`pix_free_copy`), i.e. the bound that the rest of the network sets on the ratio.
+    ``compile_mode``: ``torch.compile``'s mode (e.g. ``"reduce-overhead"``: CUDA graphs); implies ``compile``.
     """
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -159,9 +160,11 @@ def bench_models(original: nn.Module, converted: nn.Module, input_size: tuple[in
     conv = _prep(copy.deepcopy(converted), dev, dtype, channels_last).eval()
     run_o, run_c = orig, conv
     free = run_f = pix_free_copy(conv).eval() if floor else None
+    compile = compile or compile_mode is not None
+    tag = "" if not compile else f" (compiled, {compile_mode})" if compile_mode else " (compiled)"
     if compile:
-        run_o, run_c = torch.compile(orig), torch.compile(conv)
-        run_f = torch.compile(free) if free is not None else None
+        run_o, run_c = torch.compile(orig, mode=compile_mode), torch.compile(conv, mode=compile_mode)
+        run_f = torch.compile(free, mode=compile_mode) if free is not None else None
     autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 and dev.type == "cuda"
                 else nullcontext())
     results: list[Timing] = []
@@ -182,7 +185,7 @@ def bench_models(original: nn.Module, converted: nn.Module, input_size: tuple[in
                 return run_c(x)
 
         a, b, ratio, n = time_pair(fo, fc, dev, rounds, warmup)
-        results.append(Timing("inference" + (" (compiled)" if compile else ""), bs, a, b, ratio, n))
+        results.append(Timing("inference" + tag, bs, a, b, ratio, n))
         if run_f is not None:
             with torch.inference_mode(), autocast:
                 free(x)  # eager: the stubs store their outputs now, so a compiled copy sees plain constants
@@ -192,7 +195,7 @@ def bench_models(original: nn.Module, converted: nn.Module, input_size: tuple[in
                     return run_f(x)
 
             a, b, ratio, n = time_pair(fo, ff, dev, rounds, warmup)
-            results.append(Timing("inference, PiX free (bound)" + (" (compiled)" if compile else ""), bs, a, b,
+            results.append(Timing("inference, PiX free (bound)" + tag, bs, a, b,
                                   ratio, n))
     if train:
         bs = max(batch_sizes)
@@ -211,7 +214,7 @@ def bench_models(original: nn.Module, converted: nn.Module, input_size: tuple[in
             return f
 
         a, b, ratio, n = time_pair(step(run_o), step(run_c), dev, rounds, max(1, warmup - 1))
-        results.append(Timing("train step (fwd+bwd)" + (" (compiled)" if compile else ""), bs, a, b, ratio, n))
+        results.append(Timing("train step (fwd+bwd)" + tag, bs, a, b, ratio, n))
     return results
 
 
@@ -277,6 +280,7 @@ class BenchReport:
     params: dict[str, int] = field(default_factory=dict)
     timings: list[Timing] = field(default_factory=list)
     malloc: str = "system"  # what tune_malloc() returned, or "system" when it was not asked for
+    compile_mode: str | None = None  # torch.compile's mode, when not its default
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

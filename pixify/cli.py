@@ -264,6 +264,10 @@ def rules_cmd(
 
 # --------------------------------------------------------------------------------- fine-tuning (issue 3)
 
+# torch.compile's modes (reduce-overhead: CUDA graphs, which remove the per-kernel launch cost on a GPU)
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @app.command(epilog="Example: pixify bench resnet50 --zeta auto --batch-size 1,8 --threads 2 --json")
 def bench(
     model: Optional[str] = typer.Argument(None, help=_MODEL_HELP + "; omit with --op"),
@@ -271,6 +275,8 @@ def bench(
     batch_size: str = typer.Option("1,8", "--batch-size", "-b", help="comma-separated batch sizes"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)"),
     compile: bool = typer.Option(False, "--compile", help="time torch.compile'd models"),
+    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode, implies "
+                                               "--compile: " + ", ".join(_COMPILE_MODES)),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16"),
     channels_last: bool = typer.Option(False, "--channels-last", help="channels-last inputs and weights"),
@@ -303,6 +309,9 @@ def bench(
         raise PixifyError(f"--rounds must be >= 1, got {rounds}")
     if malloc not in ("tuned", "system"):
         raise PixifyError(f"--malloc must be tuned or system, got '{malloc}'")
+    if compile_mode is not None and compile_mode not in _COMPILE_MODES:
+        raise PixifyError(f"--compile-mode must be one of {', '.join(_COMPILE_MODES)}, got '{compile_mode}'")
+    compile = compile or compile_mode is not None
     try:
         sizes = tuple(int(b) for b in batch_size.split(",") if b.strip())
     except ValueError:
@@ -335,15 +344,16 @@ def bench(
     original, converted, report_macs, report_params, label = _bench_models(model, zeta, _parse_input_size(input_size))
     size = _parse_input_size(input_size) or tuple(converted.pixify_recipe.get("input_shape", [1, 3, 224, 224])[1:])
     timings = bench_models(original, converted, size, sizes, device, dtypes[dtype], compile, train, rounds,
-                           channels_last=channels_last, floor=floor,
+                           channels_last=channels_last, floor=floor, compile_mode=compile_mode,
                            progress=None if as_json else (lambda m: con.print(f"[dim]timing {m}...[/dim]")))
     rep = BenchReport(label, zeta, device, torch.get_num_threads(), compile, report_macs, report_params, timings,
-                      malloc=malloc_state)
+                      malloc=malloc_state, compile_mode=compile_mode)
     if as_json:
         print(json.dumps(rep.to_json(), indent=2))
         return
     t = Table(title=f"{label}: converted vs original, {device} {dtype}, {rep.threads} threads"
-              + (", torch.compile" if compile else "") + f", malloc {malloc_state}", title_justify="left")
+              + (f", torch.compile {compile_mode or ''}".rstrip() if compile else "") + f", malloc {malloc_state}",
+              title_justify="left")
     for col in ("measure", "batch", "original ms", "converted ms", "ratio"):
         t.add_column(col, justify="right" if col != "measure" else "left")
     for tm in timings:

@@ -60,6 +60,16 @@ def test_bench_models_rows():
         assert r.rounds >= 2 and r.original_ms > 0 and r.converted_ms > 0 and r.ratio > 0
 
 
+def test_bench_models_compile_mode_labels_the_rows(monkeypatch):
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: modes.append(mode) or m)  # no compile here
+    conv, _ = pixify.convert(_net(), example_input=torch.randn(1, 3, 16, 16))
+    rows = bench_models(_net(), conv, (3, 16, 16), batch_sizes=(1,), rounds=1, warmup=1, train=False,
+                        compile_mode="reduce-overhead")
+    assert modes == ["reduce-overhead", "reduce-overhead"]
+    assert [r.what for r in rows] == ["inference (compiled, reduce-overhead)"]
+
+
 def test_bench_op_keys():
     r = bench_op(channels=32, size=8, zeta=4, batch_size=2, rounds=2, warmup=1)
     for k in ("one_pass_ms", "fusion_ms", "naive_ms", "conv1x1_ms", "pix_ms", "fusion_vs_one_pass"):
@@ -85,6 +95,7 @@ def test_cli_bench_json(capsys):
     (["bench", "resnet26", "--device", "tpu"], "--device"),
     (["bench"], "needs a MODEL"),
     (["bench", "resnet26", "--malloc", "jemalloc"], "--malloc"),
+    (["bench", "resnet26", "--compile-mode", "fast"], "--compile-mode"),
 ])
 def test_cli_bench_bad_inputs(capsys, args, needle):
     rc = main(args)
