@@ -42,6 +42,14 @@ def case(n, c, h, zeta, dtype, channels_last):
         "pix_ms": do_bench(lambda: pix(x, phi, zeta), return_mode="median"),
         "conv1x1_ms": do_bench(lambda: F.conv2d(x, w), return_mode="median"),
     }
+    if channels_last:  # the other channels-innermost kernel (triton_kernels.CHANNELS_INNER)
+        default = triton_kernels.CHANNELS_INNER
+        triton_kernels.CHANNELS_INNER = "tile" if default == "loop" else "loop"
+        res["other_kernel"] = triton_kernels.CHANNELS_INNER
+        res["other_fusion_ms"] = do_bench(lambda: triton_kernels.forward(t, p, zeta, 0.5, out), return_mode="median")
+        res["other_fusion_bwd_ms"] = do_bench(lambda: triton_kernels.backward(grad, t, p, zeta, 0.5, gt),
+                                              return_mode="median")
+        triton_kernels.CHANNELS_INNER = default
     nbytes = x.numel() * x.element_size() * (1 + 1 / zeta)
     res["fusion_GBps"] = nbytes / res["fusion_ms"] / 1e6
     res["copy_GBps"] = 2 * x.numel() * x.element_size() / res["copy_ms"] / 1e6
@@ -61,7 +69,9 @@ def main():
                 print(f"{r['dtype']:8s} {'CL  ' if cl else 'NCHW'} {n:3d}x{c:4d}x{h:2d}x{h:2d}  fusion {r['fusion_ms']*1e3:7.1f} us"
                       f" ({r['fusion_GBps']:5.0f} GB/s)  bwd {r['fusion_bwd_ms']*1e3:7.1f}  one pass {r['one_pass_ms']*1e3:7.1f}"
                       f"  copy {r['copy_ms']*1e3:7.1f} ({r['copy_GBps']:5.0f} GB/s)  whole PiX {r['pix_ms']*1e3:7.1f}"
-                      f"  conv1x1 {r['conv1x1_ms']*1e3:7.1f} us", flush=True)
+                      f"  conv1x1 {r['conv1x1_ms']*1e3:7.1f} us"
+                      + (f"  | {r['other_kernel']}: fusion {r['other_fusion_ms']*1e3:7.1f} bwd {r['other_fusion_bwd_ms']*1e3:7.1f}"
+                         if cl else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

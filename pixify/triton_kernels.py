@@ -7,6 +7,8 @@ in place, and write outputs in the layout the caller allocated.  One program red
 max, its first arg-max and the sum in fp32 registers, and writes the (N, G, S) output (forward) or the
 input gradient and per-tile partial sums of the ``p`` gradient (backward; summed on the host, so the
 result does not depend on the order the tiles ran in).  Any C is handled: the last subset may be short.
+For channels-innermost memory there is a second kernel, :func:`_pix_kernel_ci`, that loads whole runs of
+contiguous channels; ``CHANNELS_INNER`` (env ``PIXIFY_TRITON_CHANNELS_INNER``) chooses between them.
 
 ``ops`` calls :func:`forward` / :func:`backward` for CUDA tensors when :func:`available` is true.  With
 ``TRITON_INTERPRET=1`` set before triton is imported, the same kernel runs on CPU tensors in Triton's
@@ -16,7 +18,7 @@ NaN handling follows ``torch.max``: a NaN in a pick subset is its maximum (the f
 a NaN in a mix subset makes its mean NaN.
 """
 
-import functools
+import os
 from typing import Any
 
 import torch
@@ -92,21 +94,79 @@ def _pix_kernel(x_ptr, p_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, sxc, sxs, sgn,
         tl.store(ob, y.to(o_ptr.dtype.element_ty), mask=mask)
 
 
+def _pix_kernel_ci(x_ptr, p_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, sxc, sxs, sgn, sgg, sgs, son, soc, sos,
+                   tau, ZETA: constexpr, ZP: constexpr, BLOCK_G: constexpr, BLOCK_S: constexpr,
+                   BACKWARD: constexpr):
+    """:func:`_pix_kernel` for channels-innermost memory: one (BLOCK_S, BLOCK_G, ZP) load whose last two axes
+    are BLOCK_G consecutive subsets of ZETA contiguous channels (ZP: ZETA rounded up to a power of two), so
+    the loads are contiguous along the channels, instead of ZETA loads of stride ZETA."""
+    n = tl.program_id(2)
+    sb = tl.program_id(0)
+    gi = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    si = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    jj = tl.arange(0, ZP)
+    gmask = gi < G
+    mask = (si < S)[:, None] & gmask[None, :]  # (S, G)
+    size_i = tl.maximum(tl.minimum(C - gi * ZETA, ZETA), 1)
+    size = size_i.to(tl.float32)
+    m3 = mask[:, :, None] & (jj[None, None, :] < size_i[None, :, None])
+    ch = gi[None, :, None] * ZETA + jj[None, None, :]
+    v = tl.load(x_ptr + n * sxn + si[:, None, None] * sxs + ch * sxc, mask=m3, other=float("-inf"))
+    v = v.to(tl.float32)
+    # max, first arg-max (the first NaN if any, as torch.max) and sum over the last axis
+    isnan = v != v
+    anynan = tl.max(isnan.to(tl.int32), axis=2) > 0
+    mx = tl.max(tl.where(isnan, float("-inf"), v), axis=2)
+    mx = tl.where(anynan, float("nan"), mx)
+    cand = tl.where(anynan[:, :, None], isnan, v == mx[:, :, None])
+    arg = tl.min(tl.where(cand, jj[None, None, :], ZP), axis=2)
+    acc = tl.sum(tl.where(m3, v, 0.0), axis=2)
+    p = tl.load(p_ptr + n * G + gi, mask=gmask, other=1.0).to(tl.float32)
+    pick = p < tau
+    coef = tl.where(pick, p, p / size)
+    if BACKWARD:
+        g = tl.load(g_ptr + n * sgn + gi[None, :] * sgg + si[:, None] * sgs, mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        fused = tl.where(mask, tl.where(pick[None, :], mx, acc / size[None, :]), 0.0)
+        part = tl.sum(g * fused, axis=0)
+        tl.store(gp_ptr + (n * G + gi) * tl.num_programs(0) + sb, part, mask=gmask)
+        gc = g * coef[None, :]
+        keep = (~pick[None, :, None]) | (jj[None, None, :] == arg[:, :, None])
+        val = tl.where(keep, gc[:, :, None], 0.0)
+        tl.store(o_ptr + n * son + si[:, None, None] * sos + ch * soc, val.to(o_ptr.dtype.element_ty), mask=m3)
+    else:
+        y = tl.where(pick[None, :], mx, acc) * coef[None, :]
+        ob = o_ptr + n * son + gi[None, :] * soc + si[:, None] * sos
+        tl.store(ob, y.to(o_ptr.dtype.element_ty), mask=mask)
+
+
 # With TRITON_INTERPRET=1 in the environment (before triton is imported), triton.jit gives the interpreted
 # kernel, which runs on CPU tensors: the tests check the kernels that way on machines without a GPU.
 _KERNEL = triton.jit(_pix_kernel) if triton is not None else None
+_KERNEL_CI = triton.jit(_pix_kernel_ci) if triton is not None else None
+
+# Which kernel takes channels-innermost memory: "loop" (_pix_kernel, measured on an H200: about 1.1 TB/s
+# at 64x256x56x56 fp16, a third of the planar case) or "tile" (_pix_kernel_ci: contiguous loads, proven
+# equal in the tests but not yet timed on a GPU; examples/gpu_kernels.py times both).
+CHANNELS_INNER = os.environ.get("PIXIFY_TRITON_CHANNELS_INNER", "loop")
 
 
-def _blocks(g: int, s: int, channels_inner: bool) -> tuple[int, int]:
-    """Tile shape (BLOCK_G, BLOCK_S): about 2048 outputs per program, long along the contiguous axis."""
-    if channels_inner:
-        bg = min(triton.next_power_of_2(g), 64)
-        bs = max(2048 // bg, 1)
-        bs = min(bs, triton.next_power_of_2(s))
-    else:
+def _config(t: Tensor, zeta: int, g: int) -> tuple[Any, dict[str, int], tuple[int, int, int]]:
+    """(kernel, its tile constants, grid) for t (N, C, S) in its memory layout."""
+    n, _, s = t.shape
+    if t.stride(1) == 1 and s > 1:  # channels innermost
+        if CHANNELS_INNER == "tile":
+            zp = triton.next_power_of_2(zeta)
+            bg = max(1, min(triton.next_power_of_2(g), 256 // zp))  # up to 256 contiguous channels
+            bs = max(1, min(triton.next_power_of_2(s), 4096 // (bg * zp)))
+            grid = (triton.cdiv(s, bs), triton.cdiv(g, bg), n)
+            return _KERNEL_CI, {"ZETA": zeta, "ZP": zp, "BLOCK_G": bg, "BLOCK_S": bs}, grid
+        bg = min(triton.next_power_of_2(g), 64)  # long along the groups
+        bs = min(max(2048 // bg, 1), triton.next_power_of_2(s))
+    else:  # planar: long along the positions, about 2048 outputs per program
         bs = min(triton.next_power_of_2(s), 256)
         bg = min(max(2048 // bs, 1), triton.next_power_of_2(g))
-    return bg, bs
+    return _KERNEL, {"ZETA": zeta, "BLOCK_G": bg, "BLOCK_S": bs}, (triton.cdiv(s, bs), triton.cdiv(g, bg), n)
 
 
 def forward(t: Tensor, p: Tensor, zeta: int, tau: float, out: Tensor) -> Tensor:
@@ -116,12 +176,8 @@ def forward(t: Tensor, p: Tensor, zeta: int, tau: float, out: Tensor) -> Tensor:
     if n == 0 or s == 0 or g == 0:
         return out
     p = p.contiguous()
-    bg, bs = _blocks(g, s, t.stride(1) == 1 and s > 1)
-    grid = (triton.cdiv(s, bs), triton.cdiv(g, bg), n)
-    _KERNEL[grid](
-        t, p, t, out, out, c, g, s, *t.stride(), 0, 0, 0, *out.stride(), float(tau),
-        ZETA=zeta, BLOCK_G=bg, BLOCK_S=bs, BACKWARD=False,
-    )
+    kernel, meta, grid = _config(t, zeta, g)
+    kernel[grid](t, p, t, out, out, c, g, s, *t.stride(), 0, 0, 0, *out.stride(), float(tau), BACKWARD=False, **meta)
     return out
 
 
@@ -132,11 +188,8 @@ def backward(grad: Tensor, t: Tensor, p: Tensor, zeta: int, tau: float, grad_t: 
     if n == 0 or s == 0 or g == 0:
         return grad_t.zero_(), torch.zeros(p.shape, dtype=torch.float32, device=p.device)
     p = p.contiguous()
-    bg, bs = _blocks(g, s, t.stride(1) == 1 and s > 1)
-    grid = (triton.cdiv(s, bs), triton.cdiv(g, bg), n)
+    kernel, meta, grid = _config(t, zeta, g)
     parts = torch.empty((n, g, grid[0]), dtype=torch.float32, device=t.device)
-    _KERNEL[grid](
-        t, p, grad, grad_t, parts, c, g, s, *t.stride(), *grad.stride(), *grad_t.stride(), float(tau),
-        ZETA=zeta, BLOCK_G=bg, BLOCK_S=bs, BACKWARD=True,
-    )
+    kernel[grid](t, p, grad, grad_t, parts, c, g, s, *t.stride(), *grad.stride(), *grad_t.stride(), float(tau),
+                 BACKWARD=True, **meta)
     return grad_t, parts.sum(2)

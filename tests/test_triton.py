@@ -81,11 +81,25 @@ CASES = [  # (channels, zeta): divisible, a short last subset, odd zeta, zeta 1,
 ]
 
 
+# channels-innermost memory has two kernels (triton_kernels.CHANNELS_INNER): test both
+LAYOUTS = ["nchw", "channels_last/loop", "channels_last/tile", "tokens/loop", "tokens/tile", "strided"]
+
+
+@pytest.fixture
+def variant(monkeypatch):
+    def use(layout):
+        name, _, kind = layout.partition("/")
+        monkeypatch.setattr(triton_kernels, "CHANNELS_INNER", kind or "loop")
+        return name
+    return use
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last", "tokens", "strided"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("c,zeta", CASES)
-def test_forward_backward_match_reference(calls, c, zeta, layout, dtype):
+def test_forward_backward_match_reference(calls, variant, c, zeta, layout, dtype):
+    layout = variant(layout)
     x, cd = make(layout, 3, c, (5, 7), dtype, ties=(c == 13))
     g = -(-c // zeta)
     p = torch.rand(3, g, device=DEVICE)
@@ -124,16 +138,32 @@ def test_ties_send_the_gradient_to_the_first_maximum(calls):
 
 
 @needs_kernels
-def test_nan_and_inf_follow_the_reference(calls):
-    x = torch.randn(2, 8, 3, device=DEVICE)
+@pytest.mark.parametrize("layout", ["nchw", "tokens/loop", "tokens/tile"])
+def test_nan_inf_and_ties_follow_the_reference(calls, variant, layout):
+    x = torch.randn(2, 8, 3)
     x[0, 1, 0] = float("nan")  # pick subset 0 of sample 0: the maximum is NaN
+    x[0, 2, 0] = float("nan")  # ... twice: the gradient goes to the first
     x[1, 5, 1] = float("nan")  # mix subset 1 of sample 1: the mean is NaN
-    x[0, 4:8, 2] = float("-inf")  # a pick subset of -inf only
-    p = torch.tensor([[0.1, 0.2], [0.9, 0.7]], device=DEVICE)
-    got = pick_or_mix(x, p, 4, 0.5)
-    want = pick_or_mix_reference(x, p, 4, 0.5)
-    torch.testing.assert_close(got, want, equal_nan=True)
-    assert calls["forward"] == 1
+    x[0, 4:8, 2] = float("-inf")  # a pick subset of -inf only: the first channel is its arg-max
+    x[0, 0:4, 1] = 2.0  # a pick subset of ties
+    x[0, 4:8, 1] = torch.tensor([1.0, 5.0, 5.0, -1.0])
+    x = x.to(DEVICE)
+    cd = 1
+    if variant(layout) == "tokens":
+        x, cd = x.transpose(1, 2).contiguous(), -1
+    x.requires_grad_()
+    p = torch.tensor([[0.1, 0.2], [0.9, 0.7]], device=DEVICE, requires_grad=True)
+    got = pick_or_mix(x, p, 4, 0.5, cd)
+    xr = x.detach().double().requires_grad_()
+    pr = p.detach().double().requires_grad_()
+    want = pick_or_mix_reference(xr, pr, 4, 0.5, cd)
+    torch.testing.assert_close(got.double(), want, equal_nan=True)
+    g = torch.randn(got.shape, dtype=torch.float64, device=DEVICE)
+    got.backward(g.float())
+    want.backward(g)
+    torch.testing.assert_close(x.grad.double(), xr.grad, equal_nan=True)
+    torch.testing.assert_close(p.grad.double(), pr.grad, equal_nan=True)
+    assert calls == {"forward": 1, "backward": 1}
 
 
 @needs_kernels
@@ -148,10 +178,10 @@ def test_empty_batch(calls):
 
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_large_tensor_many_tiles(calls, dtype, channels_last):
+@pytest.mark.parametrize("layout", ["nchw", "channels_last/loop", "channels_last/tile"])
+def test_large_tensor_many_tiles(calls, variant, dtype, layout):
     x = torch.randn(8, 256, 56, 56, device=DEVICE).to(dtype)
-    if channels_last:
+    if variant(layout) == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     p = torch.rand(8, 64, device=DEVICE)
     x.requires_grad_()
