@@ -510,6 +510,16 @@ def test_pix_low_precision_input_with_fp32_weight():
     torch.testing.assert_close(y.float(), m(x), rtol=3e-2, atol=3e-2)
 
 
+def test_pix_fp16_pooling_does_not_overflow():
+    x = torch.full((1, 8, 64, 64), 30.0, dtype=torch.float16)  # summed in fp16, the map would be inf
+    x[:, ::2] = 10.0
+    w = torch.full((2, 8), 0.01, dtype=torch.float16)
+    w[1] = -0.01  # p = sigmoid(±1.6): one group mixes, the other picks
+    y = pix(x, w, 4)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), pix(x.float(), w.float(), 4), rtol=2e-3, atol=2e-3)
+
+
 def test_reference_mode_switches_path(monkeypatch):
     calls = []
     real = ops.pick_or_mix_reference
