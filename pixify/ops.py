@@ -1141,7 +1141,7 @@ def _forward_impl(x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int)
     x = x.detach()
     p = p.detach()
     t, layout = _canon(x, cd)
-    if triton_kernels.available(x):
+    if triton_kernels.available(x, zeta):
         out3 = _empty_canon(x, t.shape[0], p.shape[1], t.shape[2], layout)
         return _own(_uncanon(triton_kernels.forward(t, p, zeta, tau, out3), x.shape, cd, layout))
     t4 = _compiled_view(x, t, zeta, layout)
@@ -1169,7 +1169,7 @@ def _backward_impl(
     cd = _norm_dim(channel_dim, x.dim())
     x, p, grad = x.detach(), p.detach(), grad.detach()
     t, layout = _canon(x, cd)
-    if triton_kernels.available(x):  # the kernel reads the gradient with any strides
+    if triton_kernels.available(x, zeta):  # the kernel reads the gradient with any strides
         gt = _empty_canon(x, t.shape[0], t.shape[1], t.shape[2], layout)
         gt, gp = triton_kernels.backward(_canon(grad, cd)[0], t, p, zeta, tau, gt)
         return _own(_uncanon(gt, x.shape, cd, layout)), _own(gp.to(p.dtype))

@@ -18,6 +18,7 @@ NaN handling follows ``torch.max``: a NaN in a pick subset is its maximum (the f
 a NaN in a mix subset makes its mean NaN.
 """
 
+import contextlib
 import os
 from typing import Any
 
@@ -41,9 +42,13 @@ __all__ = ["available", "backward", "forward"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def available(x: Tensor) -> bool:
-    """Whether the Triton kernels take this tensor: CUDA, a supported dtype, Triton importable."""
-    return triton is not None and x.is_cuda and x.dtype in DTYPES
+# the kernels unroll their loop over a subset's zeta channels; larger zeta uses ops' generic kernels
+MAX_ZETA = 64
+
+
+def available(x: Tensor, zeta: int) -> bool:
+    """Whether the Triton kernels take this tensor: CUDA, a supported dtype, zeta <= MAX_ZETA, Triton."""
+    return triton is not None and x.is_cuda and x.dtype in DTYPES and zeta <= MAX_ZETA
 
 
 def _pix_kernel(x_ptr, p_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, sxc, sxs, sgn, sgg, sgs, son, soc, sos,
@@ -51,7 +56,7 @@ def _pix_kernel(x_ptr, p_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, sxc, sxs, sgn,
                 BACKWARD: constexpr):
     """Forward: o (N, G, S) = the output.  Backward: o (N, C, S) = the input gradient for g (N, G, S),
     and gp (N, G, programs along S) = per-tile partial sums of the p gradient."""
-    n = tl.program_id(2)
+    n = tl.program_id(2).to(tl.int64)  # 64-bit offsets: a batch may hold more than 2**31 elements
     sb = tl.program_id(0)
     gi = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     si = sb * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -100,7 +105,7 @@ def _pix_kernel_ci(x_ptr, p_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, sxc, sxs, s
     """:func:`_pix_kernel` for channels-innermost memory: one (BLOCK_S, BLOCK_G, ZP) load whose last two axes
     are BLOCK_G consecutive subsets of ZETA contiguous channels (ZP: ZETA rounded up to a power of two), so
     the loads are contiguous along the channels, instead of ZETA loads of stride ZETA."""
-    n = tl.program_id(2)
+    n = tl.program_id(2).to(tl.int64)  # 64-bit offsets: a batch may hold more than 2**31 elements
     sb = tl.program_id(0)
     gi = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     si = sb * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -169,6 +174,11 @@ def _config(t: Tensor, zeta: int, g: int) -> tuple[Any, dict[str, int], tuple[in
     return _KERNEL, {"ZETA": zeta, "BLOCK_G": bg, "BLOCK_S": bs}, (triton.cdiv(s, bs), triton.cdiv(g, bg), n)
 
 
+def _on(t: Tensor) -> Any:
+    """Triton launches on the current CUDA device: make it t's (CPU tensors: the interpreter in tests)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def forward(t: Tensor, p: Tensor, zeta: int, tau: float, out: Tensor) -> Tensor:
     """out (N, G, S) = pick-or-mix of t (N, C, S) given p (N, G); any strides; returns out."""
     n, c, s = t.shape
@@ -177,7 +187,9 @@ def forward(t: Tensor, p: Tensor, zeta: int, tau: float, out: Tensor) -> Tensor:
         return out
     p = p.contiguous()
     kernel, meta, grid = _config(t, zeta, g)
-    kernel[grid](t, p, t, out, out, c, g, s, *t.stride(), 0, 0, 0, *out.stride(), float(tau), BACKWARD=False, **meta)
+    with _on(t):
+        kernel[grid](t, p, t, out, out, c, g, s, *t.stride(), 0, 0, 0, *out.stride(), float(tau), BACKWARD=False,
+                     **meta)
     return out
 
 
@@ -190,6 +202,7 @@ def backward(grad: Tensor, t: Tensor, p: Tensor, zeta: int, tau: float, grad_t: 
     p = p.contiguous()
     kernel, meta, grid = _config(t, zeta, g)
     parts = torch.empty((n, g, grid[0]), dtype=torch.float32, device=t.device)
-    kernel[grid](t, p, grad, grad_t, parts, c, g, s, *t.stride(), *grad.stride(), *grad_t.stride(), float(tau),
-                 BACKWARD=True, **meta)
+    with _on(t):
+        kernel[grid](t, p, grad, grad_t, parts, c, g, s, *t.stride(), *grad.stride(), *grad_t.stride(),
+                     float(tau), BACKWARD=True, **meta)
     return grad_t, parts.sum(2)

@@ -49,7 +49,8 @@ def calls(monkeypatch):
     monkeypatch.setattr(triton_kernels, "forward", forward)
     monkeypatch.setattr(triton_kernels, "backward", backward)
     if INTERPRET:
-        monkeypatch.setattr(triton_kernels, "available", lambda x: x.dtype in triton_kernels.DTYPES)
+        monkeypatch.setattr(triton_kernels, "available",
+                            lambda x, zeta: x.dtype in triton_kernels.DTYPES and zeta <= triton_kernels.MAX_ZETA)
     return seen
 
 
@@ -164,6 +165,15 @@ def test_nan_inf_and_ties_follow_the_reference(calls, variant, layout):
     torch.testing.assert_close(x.grad.double(), xr.grad, equal_nan=True)
     torch.testing.assert_close(p.grad.double(), pr.grad, equal_nan=True)
     assert calls == {"forward": 1, "backward": 1}
+
+
+@needs_kernels
+def test_zeta_above_the_unroll_limit_uses_the_generic_kernels(calls):
+    zeta = triton_kernels.MAX_ZETA + 1
+    x = torch.randn(2, 2 * zeta, 3, device=DEVICE)
+    p = torch.tensor([[0.1, 0.9], [0.7, 0.3]], device=DEVICE)
+    torch.testing.assert_close(pick_or_mix(x, p, zeta, 0.5), pick_or_mix_reference(x, p, zeta, 0.5))
+    assert calls == {"forward": 0, "backward": 0}
 
 
 @needs_kernels
