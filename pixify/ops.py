@@ -1339,11 +1339,16 @@ def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int
                 if out is not None:
                     return _own(_uncanon(_kernel_output(out, t, layout), x.shape, cd, layout))
     dims = [d for d in range(1, x.dim()) if d != cd]
-    # sum · (1/S) rather than mean: the sum's backward is a stride-0 view of the (N, C) gradient, so
-    # autograd adds it to the pick-or-mix input gradient without materialising another full tensor.
-    # Half-precision inputs are summed into fp32: an fp16 sum over a large map overflows (64×64 of 30.0).
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
-    z = x.sum(dim=dims, dtype=acc) * (1.0 / _spatial_numel(x.shape, cd)) if dims else x
+    if not dims:
+        z = x
+    elif x.dtype in (torch.float16, torch.bfloat16) or not (torch.is_grad_enabled() and x.requires_grad):
+        # one reduction (one launch on a GPU); it accumulates half precision in fp32 and divides before
+        # rounding, where an fp16 sum over a large map would overflow (64×64 of 30.0)
+        z = x.mean(dim=dims)
+    else:
+        # sum · (1/S) rather than mean: the sum's backward is a stride-0 view of the (N, C) gradient, so
+        # autograd adds it to the pick-or-mix input gradient without materialising another full tensor
+        z = x.sum(dim=dims) * (1.0 / _spatial_numel(x.shape, cd))
     p = torch.sigmoid(F.linear(z.to(weight.dtype), weight))
     return pick_or_mix(x, p, zeta, tau, channel_dim)
 
