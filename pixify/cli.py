@@ -262,7 +262,7 @@ def rules_cmd(
     _console().print(t)
 
 
-# --------------------------------------------------------------------------------- fine-tuning (issue 3)
+# ------------------------------------------------------------------------------ benchmarks, fine-tuning
 
 # torch.compile's modes (reduce-overhead: CUDA graphs, which remove the per-kernel launch cost on a GPU)
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
