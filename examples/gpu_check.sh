@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CUDA checks and benchmarks for a GPU machine (run from the repository root):
-#   bash examples/gpu_check.sh [tests] [eager] [profile] [kernels] [compile]    (no argument: all, ~12 min)
+#   bash examples/gpu_check.sh [tests] [eager] [profile] [kernels] [compile]    (no argument: all, ~12 min;
+#   a device call is limited to 10 minutes, so run e.g. 'tests profile kernels eager', then 'compile')
 # Uses the machine's own torch/triton/timm/typer; pixify is copied from this checkout to a private folder
 # (no pip, no network).  Everything is logged to $OUT/log.txt (default /tmp/pixify-gpu); the whole pytest
 # output is in $OUT/tests.txt.
@@ -43,8 +44,8 @@ if has kernels; then
   timeout 120 python3 examples/gpu_kernels.py --json "$OUT/kernels.json"
 fi
 if has compile; then
-  echo "== ResNet-50 --zeta auto, --compile"
-  px "${R50[@]}" --dtype float16 --compile --no-train
   echo "== ResNet-50 --zeta auto, --compile-mode reduce-overhead (CUDA graphs: no per-kernel launch cost)"
   px "${R50[@]}" --dtype float16 --compile-mode reduce-overhead --no-train --floor
+  echo "== ResNet-50 --zeta auto, --compile"
+  px "${R50[@]}" --dtype float16 --compile --no-train
 fi
