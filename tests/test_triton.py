@@ -216,22 +216,31 @@ def decisive_pix(model):
     return model
 
 
-@cuda_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_compile_fullgraph_on_cuda_matches_eager(dtype):
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float16, marks=cuda_only)], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_compile_fullgraph_matches_eager(calls, dtype, channels_last):
+    """torch.compile(fullgraph=True) of a converted ResNet runs PiX through the Triton kernel (CPU tensors
+    in the interpreter run) and matches eager."""
     torch.manual_seed(0)
     model = ResNet(block=Bottleneck, layers=[1, 1, 1, 1], stem_width=16, num_classes=10).eval()
     conv, rep = pixify.convert(model, zeta=2, example_input=torch.randn(1, 3, 32, 32))
     assert rep.count("pure") + rep.count("hybrid") == 3
     conv = decisive_pix(randomize_pix(conv)).eval().to(DEVICE, dtype)
     x = torch.randn(4, 3, 32, 32, device=DEVICE, dtype=dtype)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     torch._dynamo.reset()
     compiled = torch.compile(conv, fullgraph=True)
     # TF32 off: eager and inductor pick different convolution algorithms and layouts, whose TF32 rounding
     # differs by about 1e-3 per layer
-    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    # eager_kernels: in the interpreter run, keep CPU fp32 inference off its own generated whole-PiX kernel
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False), ops.eager_kernels():
+        before = calls["forward"]
         want = conv(x).double()
+        eager = calls["forward"] - before
         got = compiled(x).double()
+    assert eager == 3 and calls["forward"] - before == 6  # one kernel launch per PiX site, eager and compiled
     err = ((got - want).norm() / want.norm()).item()
     assert err < (1e-4 if dtype == torch.float32 else 1e-2), err
 
