@@ -41,6 +41,7 @@ def test_compiled_pix_takes_channels_last_activations(monkeypatch):
         return real(x, *args)
 
     monkeypatch.setattr(ops, "_forward_impl", spy)
+    monkeypatch.setattr(ops, "COMPILED_PIX", "op")  # the op, as in training (inference decomposes by default)
     torch.manual_seed(0)
     pix = pixify.PiX(32, 4)
     with torch.no_grad():
@@ -54,3 +55,34 @@ def test_compiled_pix_takes_channels_last_activations(monkeypatch):
         assert seen == [(True, False)], seen  # once, channels-last
         want = model(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy,grad,want_op", [
+    ("decompose", False, False),  # inference: inductor sees PiX's standard ops
+    ("decompose", True, True),  # training: the custom op and its backward kernels
+    ("op", False, True),
+])
+def test_compiled_inference_traces_pix_as_standard_ops(monkeypatch, policy, grad, want_op):
+    from pixify import ops
+
+    monkeypatch.setattr(ops, "COMPILED_PIX", policy)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    pix = pixify.PiX(12, 4)
+    with torch.no_grad():
+        pix.weight.normal_()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 1), pix)
+    x = torch.randn(2, 3, 6, 6)
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        got = torch.compile(model, fullgraph=True, backend=backend)(x)
+        want = model(x)
+    targets = {n.target for n in graphs[0].graph.nodes if n.op == "call_function"}
+    op = torch.ops.pixify.pick_or_mix
+    assert bool(targets & {op, op.default}) == want_op, targets
+    torch.testing.assert_close(got, want)
