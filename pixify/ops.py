@@ -20,7 +20,8 @@ Implementation layout
 * ``pixify::pick_or_mix`` and ``pixify::pick_or_mix_backward`` are ``torch.library`` custom ops (fake
   kernels for compile/export, autograd registered), so ``torch.compile(fullgraph=True)`` and
   ``torch.export`` see one opaque node; for ``torch.fx.symbolic_trace`` :func:`pix` and
-  :func:`pick_or_mix` are leaf functions (one ``call_function`` node).
+  :func:`pick_or_mix` are leaf functions (one ``call_function`` node).  Exception: ``torch.compile`` of
+  inference traces the reference formulation instead, for inductor to generate and fuse (``COMPILED_PIX``).
 * Inference without autograd calls the kernels directly (no custom-op dispatch) when nothing watches
   the dispatcher (see ``_direct_ok``).
 * Their kernels pick the fastest exact path at run time:
