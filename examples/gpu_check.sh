@@ -46,6 +46,8 @@ fi
 if has compile; then
   echo "== ResNet-50 --zeta auto, --compile-mode reduce-overhead (CUDA graphs: no per-kernel launch cost)"
   px "${R50[@]}" --dtype float16 --compile-mode reduce-overhead --no-train --floor
-  echo "== ResNet-50 --zeta auto, --compile"
+  echo "== the same with PiX as the custom op (Triton) instead of decomposed for inductor"
+  PIXIFY_COMPILED_PIX=op px "${R50[@]}" --dtype float16 --compile-mode reduce-overhead --no-train
+  echo "== ResNet-50 --zeta auto, --compile (default mode)"
   px "${R50[@]}" --dtype float16 --compile --no-train
 fi
