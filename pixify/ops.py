@@ -1288,11 +1288,14 @@ def pick_or_mix(x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channel_dim: 
 COMPILED_PIX = os.environ.get("PIXIFY_COMPILED_PIX", "decompose")
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+
+
 def _decomposed_under_compile(x: Tensor, p: Tensor) -> bool:
     return (
         COMPILED_PIX == "decompose"
         and torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
+        and not _is_exporting()
         and not (torch.is_grad_enabled() and (x.requires_grad or p.requires_grad))
     )
 
