@@ -1282,9 +1282,10 @@ def pick_or_mix(x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channel_dim: 
 
 # Under torch.compile, for inference (no gradient wanted), PiX is traced as its reference formulation, so
 # that inductor generates it and fuses it with its neighbours, instead of calling the custom op.  Measured on
-# CPU (ResNet-50 --zeta auto, 2 threads, fp32, compiled converted / original): batch 1 1.02 -> 0.88, batch 8
-# 0.88 either way; the op's per-call cost showed at batch 1.  Training keeps the op (its backward kernels),
-# and so does torch.export.  PIXIFY_COMPILED_PIX=op keeps the op for inference too (not yet measured on a GPU).
+# CPU (pixify bench resnet50 --zeta auto --threads 2 --compile, fp32): batch 1 1.01 -> 0.82-0.85, batch 8
+# 0.93 -> 0.865; the op's per-call cost showed at batch 1.  Training keeps the op (decomposed, its compiled
+# step measured 1.14 against 0.93), and so does torch.export.  PIXIFY_COMPILED_PIX=op (any value other than
+# "decompose") keeps the op for inference too; on a GPU neither has been measured yet.
 COMPILED_PIX = os.environ.get("PIXIFY_COMPILED_PIX", "decompose")
 
 
