@@ -291,11 +291,8 @@ def _moved(x: Tensor, cd: int, to: int) -> Tensor:
 
 
 def _layout_of(x: Tensor, cd: int) -> int:
-    if _moved(x, cd, 1).is_contiguous():
-        return _PLANAR
-    if _moved(x, cd, x.dim() - 1).is_contiguous():
-        return _INTERLEAVED
-    return _PLANAR  # after a copy
+    dense = _dense_canon(x, cd)
+    return _PLANAR if dense is None else dense[1]  # neither: planar after a copy
 
 
 def _spatial_numel(shape: Any, cd: int) -> Any:
@@ -306,9 +303,9 @@ def _spatial_numel(shape: Any, cd: int) -> Any:
     return s
 
 
-def _canon(x: Tensor, cd: int) -> tuple[Tensor, int]:
-    """(N, C, S) view of x (planar: contiguous; interleaved: transposed-contiguous) and its layout.
-    Copies only an input that is neither."""
+def _dense_canon(x: Tensor, cd: int) -> tuple[Tensor, int] | None:
+    """(N, C, S) view of x (planar: contiguous; interleaved: transposed-contiguous) and its layout, or
+    None for an input that is neither."""
     n, c = x.shape[0], x.shape[cd]
     s = _spatial_numel(x.shape, cd)
     xm = _moved(x, cd, 1)
@@ -317,7 +314,16 @@ def _canon(x: Tensor, cd: int) -> tuple[Tensor, int]:
     xl = _moved(x, cd, x.dim() - 1)
     if xl.is_contiguous():
         return xl.view(n, s, c).transpose(1, 2), _INTERLEAVED
-    return xm.contiguous().view(n, c, s), _PLANAR
+    return None
+
+
+def _canon(x: Tensor, cd: int) -> tuple[Tensor, int]:
+    """:func:`_dense_canon`, copying an input that is neither layout to planar."""
+    dense = _dense_canon(x, cd)
+    if dense is None:
+        n, c, s = x.shape[0], x.shape[cd], _spatial_numel(x.shape, cd)
+        return _moved(x, cd, 1).contiguous().view(n, c, s), _PLANAR
+    return dense
 
 
 def _uncanon(t3: Tensor, shape: Any, cd: int, layout: int) -> Tensor:
@@ -1348,18 +1354,17 @@ def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int
             f"weight must have shape (G, C) = ({g}, {c}) for {c} input channels and zeta={zeta}, "
             f"got {tuple(weight.shape)}"
         )
-    if _whole_ok(x, weight):
-        layout = _layout_of(x, cd)
-        if _moved(x, cd, 1 if layout == _PLANAR else x.dim() - 1).is_contiguous():  # dense: no copy to make
-            t = _canon(x, cd)[0]
-            t4 = _compiled_view(x, t, zeta, layout)
-            if t4 is not None:
-                if layout == _PLANAR:
-                    out = _compiled_pix(t4.view(t.shape[0], g, zeta, -1), weight, tau)
-                else:
-                    out = _compiled_pix(t4, weight, tau, zeta)
-                if out is not None:
-                    return _own(_uncanon(_kernel_output(out, t, layout), x.shape, cd, layout))
+    dense = _dense_canon(x, cd) if _whole_ok(x, weight) else None  # a strided x is not copied for it
+    if dense is not None:
+        t, layout = dense
+        t4 = _compiled_view(x, t, zeta, layout)
+        if t4 is not None:
+            if layout == _PLANAR:
+                out = _compiled_pix(t4.view(t.shape[0], g, zeta, -1), weight, tau)
+            else:
+                out = _compiled_pix(t4, weight, tau, zeta)
+            if out is not None:
+                return _own(_uncanon(_kernel_output(out, t, layout), x.shape, cd, layout))
     dims = [d for d in range(1, x.dim()) if d != cd]
     if not dims:
         z = x
