@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CUDA checks and benchmarks for a GPU machine (run from the repository root):
-#   bash examples/gpu_check.sh [tests] [eager] [profile] [kernels] [compile]    (no argument: all, ~12 min;
+#   bash examples/gpu_check.sh [tests] [eager] [profile] [overhead] [kernels] [compile1] [compile]    (no argument: all, ~12 min;
 #   a device call is limited to 10 minutes, so run e.g. 'tests profile kernels eager', then 'compile')
 # Uses the machine's own torch/triton/timm/typer; pixify is copied from this checkout to a private folder
 # (no pip, no network).  Everything is logged to $OUT/log.txt (default /tmp/pixify-gpu); the whole pytest
@@ -39,9 +39,20 @@ if has profile; then
   echo "== where the time goes: syncs and torch.profiler (batch 1, float16)"
   timeout 120 python3 examples/gpu_profile.py resnet50 --batch-size 1 --dtype float16 --rows 10
 fi
+if has overhead; then
+  echo "== host cost per call of PiX's pieces (batch 1 and 64, float16)"
+  timeout 120 python3 examples/gpu_overhead.py --shape 1,256,56,56
+  timeout 120 python3 examples/gpu_overhead.py --shape 64,256,56,56
+fi
 if has kernels; then
   echo "== kernels, device time (do_bench)"
   timeout 120 python3 examples/gpu_kernels.py --json "$OUT/kernels.json"
+fi
+if has compile1; then
+  echo "== ResNet-50 --zeta auto, --compile-mode reduce-overhead, graph breaks and recompiles to $OUT/compile_log.txt"
+  TORCH_LOGS=graph_breaks,recompiles px "${R50[@]}" --dtype float16 --compile-mode reduce-overhead --no-train --floor \
+    2> "$OUT/compile_log.txt"
+  grep -ciE "graph break" "$OUT/compile_log.txt"; grep -iE "reason|break" "$OUT/compile_log.txt" | sort | uniq -c | sort -rn | head -20
 fi
 if has compile; then
   echo "== ResNet-50 --zeta auto, --compile-mode reduce-overhead (CUDA graphs: no per-kernel launch cost)"

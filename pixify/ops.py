@@ -108,6 +108,8 @@ class PixArgumentError(PixifyError, ValueError):
 
 
 def _check_zeta(zeta: Any) -> int:
+    if type(zeta) is int and zeta >= 1:  # the common case first: these run on every call
+        return zeta
     if isinstance(zeta, bool) or not isinstance(zeta, numbers.Integral):
         raise PixArgumentError(f"zeta must be an integer >= 1, got {zeta!r}")
     if zeta < 1:
@@ -116,6 +118,8 @@ def _check_zeta(zeta: Any) -> int:
 
 
 def _check_tau(tau: Any) -> float:
+    if type(tau) is float and 0.0 < tau < 1.0:
+        return tau
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise PixArgumentError(f"tau must be a number strictly between 0 and 1, got {tau!r}")
     tau = float(tau)
@@ -131,6 +135,8 @@ def _check_channels(channels: Any) -> int:
 
 
 def _check_channel_dim(channel_dim: Any) -> int:
+    if type(channel_dim) is int and channel_dim != 0:
+        return channel_dim
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, numbers.Integral) or channel_dim == 0:
         raise PixArgumentError(
             f"channel_dim must be a non-zero integer (dimension 0 is the batch), got {channel_dim!r}"
@@ -182,8 +188,7 @@ class _Nestable:
         finally:
             self.depth -= 1
 
-    def __bool__(self) -> bool:
-        return self.depth > 0
+    # no __bool__: callers test ``depth`` (torch.compile before torch 2.12 cannot trace bool() of an object)
 
 
 _REFERENCE = _Nestable()
@@ -221,7 +226,7 @@ def reference_mode() -> contextlib.AbstractContextManager[None]:
 
 
 def _reference_active() -> bool:
-    return bool(_REFERENCE)
+    return _REFERENCE.depth > 0
 
 
 @contextlib.contextmanager
@@ -788,7 +793,7 @@ def compiled_kernels_enabled() -> bool:
     not inside :func:`eager_kernels`, and it has not failed to build on this machine."""
     return (
         _FAST_CPU
-        and not _EAGER_ONLY
+        and _EAGER_ONLY.depth == 0
         and not _COMPILED["failed"]
         and os.environ.get("PIXIFY_COMPILED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
     )
@@ -1328,7 +1333,8 @@ def _whole_ok(x: Tensor, weight: Tensor) -> bool:
     pooled context is summed in the same precision as on the eager path.  Whether the kernel takes x
     (zeta, C divisible by zeta, device, size) is :func:`_compiled_view`'s test, which :func:`pix` applies next."""
     return (
-        x.dim() >= 3
+        not torch.compiler.is_compiling()  # first, as in _direct_ok
+        and x.dim() >= 3
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not _reference_active()
@@ -1338,10 +1344,49 @@ def _whole_ok(x: Tensor, weight: Tensor) -> bool:
     )
 
 
+def _triton_inference_ok(x: Tensor, weight: Tensor, zeta: int) -> bool:
+    """Whether :func:`pix` may run as the pooling plus one Triton launch (:func:`_pix_triton`): a tensor the
+    Triton kernels take, φ on its device in a dtype they read, no gradient wanted, nobody watching the
+    dispatcher (as :func:`_direct_ok`)."""
+    return (
+        not torch.compiler.is_compiling()  # first: dynamo must not trace the private calls
+        and triton_kernels.available(x, zeta)
+        and _REFERENCE.depth == 0
+        and weight.dtype in triton_kernels.DTYPES
+        and weight.device == x.device
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and type(x) is Tensor
+        and type(weight) in (Tensor, nn.Parameter)
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )
+
+
+def _pix_triton(x: Tensor, weight: Tensor, zeta: int, tau: float, cd: int) -> Tensor:
+    """PiX for inference on CUDA in two launches: the pooling (in fp32) and one Triton kernel that computes
+    p = sigmoid(φ · z) and the pick-or-mix step.  Eager inference on a GPU is mostly host time, launch by
+    launch; this replaces the linear, sigmoid and custom-op dispatch of the general path."""
+    if x.dim() == 4 and cd == 1:  # NCHW, contiguous or channels-last: fewer steps than the general case
+        n, c, h, w = x.shape
+        fmt = (torch.contiguous_format if x.is_contiguous()
+               else torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None)
+        if fmt is not None:
+            out = torch.empty((n, weight.shape[0], h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+            t = x.view(n, c, h * w)
+            triton_kernels.forward_phi(t, t.mean(2, dtype=torch.float32), weight, zeta, tau,
+                                        out.view(n, weight.shape[0], h * w))
+            return out
+    t, layout = _canon(x, cd)
+    out3 = _empty_canon(x, t.shape[0], weight.shape[0], t.shape[2], layout)
+    triton_kernels.forward_phi(t, t.mean(2, dtype=torch.float32), weight, zeta, tau, out3)
+    return _own(_uncanon(out3, x.shape, cd, layout))
+
+
 def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int = 1) -> Tensor:
     """The full PiX operator: global mean pooling, ``p = sigmoid(z @ weight.T)``, pick-or-mix.
 
-    ``weight`` is φ with shape (G, C).  φ runs in ``weight``'s dtype (the pooled context is cast to it).
+    ``weight`` is φ with shape (G, C).  φ runs in ``weight``'s dtype (the pooled context is cast to it),
+    except for inference on CUDA, where one Triton kernel computes it in fp32.
     """
     zeta = _check_zeta(zeta)
     tau = _check_tau(tau)
@@ -1354,6 +1399,8 @@ def pix(x: Tensor, weight: Tensor, zeta: int, tau: float = 0.5, channel_dim: int
             f"weight must have shape (G, C) = ({g}, {c}) for {c} input channels and zeta={zeta}, "
             f"got {tuple(weight.shape)}"
         )
+    if _triton_inference_ok(x, weight, zeta):
+        return _pix_triton(x, weight, zeta, tau, cd)
     dense = _dense_canon(x, cd) if _whole_ok(x, weight) else None  # a strided x is not copied for it
     if dense is not None:
         t, layout = dense

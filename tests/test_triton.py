@@ -36,17 +36,22 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 def calls(monkeypatch):
     """Count the Triton kernel launches (and, in the interpreter, route CPU tensors to them)."""
     seen = {"forward": 0, "backward": 0}
-    fwd, bwd = triton_kernels.forward, triton_kernels.backward
+    fwd, fwd_phi, bwd = triton_kernels.forward, triton_kernels.forward_phi, triton_kernels.backward
 
     def forward(*a, **k):
         seen["forward"] += 1
         return fwd(*a, **k)
+
+    def forward_phi(*a, **k):  # the forward launch of pix() for inference (p computed in the kernel)
+        seen["forward"] += 1
+        return fwd_phi(*a, **k)
 
     def backward(*a, **k):
         seen["backward"] += 1
         return bwd(*a, **k)
 
     monkeypatch.setattr(triton_kernels, "forward", forward)
+    monkeypatch.setattr(triton_kernels, "forward_phi", forward_phi)
     monkeypatch.setattr(triton_kernels, "backward", backward)
     if INTERPRET:
         monkeypatch.setattr(triton_kernels, "available",
@@ -174,6 +179,41 @@ def test_zeta_above_the_unroll_limit_uses_the_generic_kernels(calls):
     p = torch.tensor([[0.1, 0.9], [0.7, 0.3]], device=DEVICE)
     torch.testing.assert_close(pick_or_mix(x, p, zeta, 0.5), pick_or_mix_reference(x, p, zeta, 0.5))
     assert calls == {"forward": 0, "backward": 0}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("c,zeta", [(16, 4), (13, 4), (10, 3), (300, 4)])  # 300: more channels than a φ step
+def test_pix_inference_computes_p_in_the_kernel(calls, variant, c, zeta, layout, dtype):
+    """pix() for inference: the pooling plus one launch that computes p = sigmoid(φ · z) itself, against
+    the float64 reference (φ in the input's dtype, as in a converted half-precision model)."""
+    layout = variant(layout)
+    x, cd = make(layout, 3, c, (5, 7), dtype, ties=(c == 13))
+    g = -(-c // zeta)
+    w = (torch.randn(g, c, dtype=torch.float64) * 4 / c**0.5).to(dtype).to(DEVICE)
+    with ops.reference_mode():
+        want = ops.pix(x.double(), w.double(), zeta, 0.5, cd)
+    with torch.no_grad():
+        got = ops.pix(x, w, zeta, 0.5, cd)
+        again = ops.pix(x, w, zeta, 0.5, cd) if DEVICE == "cuda" else got  # the launch cache (CUDA only)
+    assert calls == {"forward": 2 if DEVICE == "cuda" else 1, "backward": 0}
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert torch.equal(again, got) and got.dtype == dtype
+    if layout != "strided" and g > 1:  # the output keeps the input's layout
+        assert layout_of(got, cd) == layout_of(x, cd)
+
+
+@needs_kernels
+def test_pix_inference_with_phi_on_another_device_is_an_error(calls):
+    """φ must be on x's device: the kernel would otherwise read foreign memory; the general path raises."""
+    if DEVICE != "cuda":
+        pytest.skip("needs a CUDA device")
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        ops.pix(x, torch.zeros(2, 8), 4)
+    assert calls["forward"] == 0
 
 
 @needs_kernels
