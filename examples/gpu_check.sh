@@ -51,8 +51,8 @@ if has kernels; then
   timeout 120 python3 examples/gpu_kernels.py --json "$OUT/kernels.json"
 fi
 if has compile1; then
-  echo "== ResNet-50 --zeta auto, --compile-mode reduce-overhead, graph breaks and recompiles to $OUT/compile_log.txt"
-  TORCH_LOGS=graph_breaks,recompiles px "${R50[@]}" --dtype float16 --compile-mode reduce-overhead --no-train --floor \
+  echo "== ResNet-50 --zeta auto, --compile-mode reduce-overhead, graph breaks, recompiles and perf hints (e.g. why CUDA graphs were skipped) to $OUT/compile_log.txt"
+  TORCH_LOGS=graph_breaks,recompiles,perf_hints px "${R50[@]}" --dtype float16 --compile-mode reduce-overhead --no-train --floor \
     2> "$OUT/compile_log.txt"
   grep -ciE "graph break" "$OUT/compile_log.txt"; grep -iE "reason|break" "$OUT/compile_log.txt" | sort | uniq -c | sort -rn | head -20
 fi
