@@ -68,7 +68,7 @@ def main():
     })
     if triton_kernels.available(x, zeta):  # Triton's own launch path against its compiled kernel's runner
         kernel, meta, grid = triton_kernels._config(t, zeta, g)
-        meta = {**meta, "BLOCK_C": 16, "PHI": False, "BACKWARD": False}
+        meta = {**meta, "BLOCK_C": 16, "C_STEPS": 1, "PHI": False, "BACKWARD": False}
         kargs = [t, p, t, t, t, out3, out3, c, g, t.shape[2], *t.stride(), 0, 0, 0, *out3.stride(), 0.5]
         cases["triton JIT launch (kernel[grid])"] = lambda: kernel[grid](*kargs, **meta)
         try:

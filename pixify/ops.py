@@ -1300,7 +1300,11 @@ def pick_or_mix(x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channel_dim: 
 COMPILED_PIX = os.environ.get("PIXIFY_COMPILED_PIX", "decompose")
 
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+def _is_exporting() -> bool:
+    """Whether torch.export is tracing.  Reads the flag behind ``torch.compiler.is_exporting()`` rather than
+    calling it: torch 2.11's dynamo folds that call to True under torch.compile as well (measured), which
+    kept the custom op in compiled inference graphs there.  False where torch has no such flag (< 2.5)."""
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
 
 
 def _decomposed_under_compile(x: Tensor, p: Tensor) -> bool:

@@ -51,29 +51,22 @@ def available(x: Tensor, zeta: int) -> bool:
     return triton is not None and x.is_cuda and x.dtype in DTYPES and zeta <= MAX_ZETA
 
 
-def _phi_p(p_ptr, z_ptr, w_ptr, n, gi, gmask, C, G, BLOCK_G: constexpr, BLOCK_C: constexpr, PHI: constexpr):
-    """p (BLOCK_G,) in fp32 for the subsets gi of sample n: loaded from p (N, G), or with PHI computed here as
-    sigmoid(φ · z) from the pooled context z (N, C, fp32) and φ (G, C, contiguous), accumulated in fp32."""
-    if PHI:
-        q = tl.zeros((BLOCK_G,), tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            cm = cc < C
-            zc = tl.load(z_ptr + n * C + cc, mask=cm, other=0.0).to(tl.float32)
-            wv = tl.load(w_ptr + gi[:, None] * C + cc[None, :], mask=gmask[:, None] & cm[None, :], other=0.0)
-            q += tl.sum(wv.to(tl.float32) * zc[None, :], axis=1)
-        p = 1.0 / (1.0 + tl.exp(-q))
-    else:
-        p = tl.load(p_ptr + n * G + gi, mask=gmask, other=1.0).to(tl.float32)
-    return p
+def _phi_q(z_ptr, w_ptr, n, gi, gmask, c0, C, BLOCK_C: constexpr):
+    """One step of φ · z for the subsets gi of sample n: channels c0 .. c0 + BLOCK_C of the pooled context z
+    (N, C, fp32) against φ (G, C, contiguous), summed in fp32 -> (BLOCK_G,)."""
+    cc = c0 + tl.arange(0, BLOCK_C)
+    cm = cc < C
+    zc = tl.load(z_ptr + n * C + cc, mask=cm, other=0.0).to(tl.float32)
+    wv = tl.load(w_ptr + gi[:, None] * C + cc[None, :], mask=gmask[:, None] & cm[None, :], other=0.0)
+    return tl.sum(wv.to(tl.float32) * zc[None, :], axis=1)
 
 
 def _pix_kernel(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, sxc, sxs, sgn, sgg, sgs,
                 son, soc, sos, tau, ZETA: constexpr, BLOCK_G: constexpr, BLOCK_S: constexpr,
-                BLOCK_C: constexpr, PHI: constexpr, BACKWARD: constexpr):
+                BLOCK_C: constexpr, C_STEPS: constexpr, PHI: constexpr, BACKWARD: constexpr):
     """Forward: o (N, G, S) = the output.  Backward: o (N, C, S) = the input gradient for g (N, G, S),
     and gp (N, G, programs along S) = per-tile partial sums of the p gradient.  p comes from p (N, G), or
-    with PHI (forward only) from the pooled context z and φ (:func:`_phi_p`)."""
+    with PHI (forward only) computed from the pooled context z and φ (:func:`_phi_q`)."""
     n = tl.program_id(2).to(tl.int64)  # 64-bit offsets: a batch may hold more than 2**31 elements
     sb = tl.program_id(0)
     gi = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -95,7 +88,13 @@ def _pix_kernel(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, 
         mx = tl.where(better, v, mx)
         arg = tl.where(better, j, arg)
         acc += tl.where(m, v, 0.0)
-    p = _phi_p(p_ptr, z_ptr, w_ptr, n, gi, gmask, C, G, BLOCK_G, BLOCK_C, PHI)
+    if PHI:  # p = sigmoid(φ · z), computed here
+        q = tl.zeros((BLOCK_G,), tl.float32)
+        for step in range(C_STEPS):  # a constant trip count: Triton 3.6's interpreter cannot range() over C
+            q += _phi_q(z_ptr, w_ptr, n, gi, gmask, step * BLOCK_C, C, BLOCK_C)
+        p = 1.0 / (1.0 + tl.exp(-q))
+    else:
+        p = tl.load(p_ptr + n * G + gi, mask=gmask, other=1.0).to(tl.float32)
     pick = p < tau
     coef = tl.where(pick, p, p / size)
     if BACKWARD:
@@ -119,7 +118,7 @@ def _pix_kernel(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, 
 
 def _pix_kernel_ci(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, sxc, sxs, sgn, sgg, sgs,
                    son, soc, sos, tau, ZETA: constexpr, ZP: constexpr, BLOCK_G: constexpr, BLOCK_S: constexpr,
-                   BLOCK_C: constexpr, PHI: constexpr, BACKWARD: constexpr):
+                   BLOCK_C: constexpr, C_STEPS: constexpr, PHI: constexpr, BACKWARD: constexpr):
     """:func:`_pix_kernel` for channels-innermost memory: one (BLOCK_S, BLOCK_G, ZP) load whose last two axes
     are BLOCK_G consecutive subsets of ZETA contiguous channels (ZP: ZETA rounded up to a power of two), so
     the loads are contiguous along the channels, instead of ZETA loads of stride ZETA."""
@@ -144,7 +143,13 @@ def _pix_kernel_ci(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sx
     cand = tl.where(anynan[:, :, None], isnan, v == mx[:, :, None])
     arg = tl.min(tl.where(cand, jj[None, None, :], ZP), axis=2)
     acc = tl.sum(tl.where(m3, v, 0.0), axis=2)
-    p = _phi_p(p_ptr, z_ptr, w_ptr, n, gi, gmask, C, G, BLOCK_G, BLOCK_C, PHI)
+    if PHI:  # p = sigmoid(φ · z), computed here
+        q = tl.zeros((BLOCK_G,), tl.float32)
+        for step in range(C_STEPS):  # a constant trip count: Triton 3.6's interpreter cannot range() over C
+            q += _phi_q(z_ptr, w_ptr, n, gi, gmask, step * BLOCK_C, C, BLOCK_C)
+        p = 1.0 / (1.0 + tl.exp(-q))
+    else:
+        p = tl.load(p_ptr + n * G + gi, mask=gmask, other=1.0).to(tl.float32)
     pick = p < tau
     coef = tl.where(pick, p, p / size)
     if BACKWARD:
@@ -165,7 +170,7 @@ def _pix_kernel_ci(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sx
 
 # With TRITON_INTERPRET=1 in the environment (before triton is imported), triton.jit gives the interpreted
 # kernel, which runs on CPU tensors: the tests check the kernels that way on machines without a GPU.
-_phi_p = triton.jit(_phi_p) if triton is not None else None  # the kernels call it by this global name
+_phi_q = triton.jit(_phi_q) if triton is not None else None  # the kernels call it by this global name
 _KERNEL = triton.jit(_pix_kernel) if triton is not None else None
 _KERNEL_CI = triton.jit(_pix_kernel_ci) if triton is not None else None
 
@@ -194,7 +199,7 @@ def _config(t: Tensor, zeta: int, g: int) -> tuple[Any, dict[str, int], tuple[in
 
 
 def _block_c(c: int, bg: int) -> int:
-    """Channels per step of :func:`_phi_p`'s loop: up to 4096 φ elements per step (BLOCK_G × BLOCK_C)."""
+    """Channels per step of the φ loop (:func:`_phi_q`): up to 4096 φ elements per step (BLOCK_G × BLOCK_C)."""
     return max(16, min(triton.next_power_of_2(c), 4096 // bg))
 
 
@@ -252,7 +257,7 @@ def forward(t: Tensor, p: Tensor, zeta: int, tau: float, out: Tensor) -> Tensor:
     p = p.contiguous()
     kernel, meta, grid = _config(t, zeta, g)
     _launch(kernel, grid, [t, p, t, t, t, out, out], [c, g, s, *t.stride(), 0, 0, 0, *out.stride(), float(tau)],
-            {**meta, "BLOCK_C": 16, "PHI": False, "BACKWARD": False}, t)
+            {**meta, "BLOCK_C": 16, "C_STEPS": 1, "PHI": False, "BACKWARD": False}, t)
     return out
 
 
@@ -267,8 +272,9 @@ def forward_phi(t: Tensor, z: Tensor, w: Tensor, zeta: int, tau: float, out: Ten
     z = z.float().contiguous()
     w = w.contiguous()
     kernel, meta, grid = _config(t, zeta, g)
+    bc = _block_c(c, meta["BLOCK_G"])
     _launch(kernel, grid, [t, t, z, w, t, out, out], [c, g, s, *t.stride(), 0, 0, 0, *out.stride(), float(tau)],
-            {**meta, "BLOCK_C": _block_c(c, meta["BLOCK_G"]), "PHI": True, "BACKWARD": False}, t)
+            {**meta, "BLOCK_C": bc, "C_STEPS": triton.cdiv(c, bc), "PHI": True, "BACKWARD": False}, t)
     return out
 
 
@@ -283,5 +289,5 @@ def backward(grad: Tensor, t: Tensor, p: Tensor, zeta: int, tau: float, grad_t: 
     parts = torch.empty((n, g, grid[0]), dtype=torch.float32, device=t.device)
     _launch(kernel, grid, [t, p, t, t, grad, grad_t, parts],
             [c, g, s, *t.stride(), *grad.stride(), *grad_t.stride(), float(tau)],
-            {**meta, "BLOCK_C": 16, "PHI": False, "BACKWARD": True}, t)
+            {**meta, "BLOCK_C": 16, "C_STEPS": 1, "PHI": False, "BACKWARD": True}, t)
     return grad_t, parts.sum(2)

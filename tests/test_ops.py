@@ -585,10 +585,11 @@ def test_compile_fullgraph_training_matches_eager():
     assert gc.abs().sum() > 0
 
 
-def test_torch_export():
+@pytest.mark.parametrize("strict", [False, True])  # strict: traced by dynamo, as torch.compile is
+def test_torch_export(strict):
     m = Tiny().eval()
     x = torch.randn(2, 3, 8, 8)
-    ep = torch.export.export(m, (x,))
+    ep = torch.export.export(m, (x,), strict=strict)
     targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
     assert torch.ops.pixify.pick_or_mix.default in targets
     x2 = torch.randn(2, 3, 8, 8)

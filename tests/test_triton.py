@@ -295,9 +295,7 @@ def test_compile_fullgraph_matches_eager(calls, monkeypatch, dtype, channels_las
 
 @pytest.mark.skipif(INTERPRET, reason="this is the outer run")
 @pytest.mark.skipif(triton_kernels.triton is None, reason="triton is not installed")
-# with a GPU the tests above run the compiled kernels; the interpreter is the stand-in for machines without
-# one (and Triton 3.6's interpreter, on the H200 image, failed every kernel that computes p itself, which the
-# same image's compiled kernels passed)
+# with a GPU the tests above run the compiled kernels; the interpreter is the stand-in for machines without one
 @pytest.mark.skipif(DEVICE == "cuda", reason="the kernels ran compiled on the GPU above")
 def test_triton_kernels_in_interpreter():
     """The kernel tests above, on CPU tensors under Triton's interpreter (a subprocess: the interpreter
