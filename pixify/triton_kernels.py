@@ -51,14 +51,24 @@ def available(x: Tensor, zeta: int) -> bool:
     return triton is not None and x.is_cuda and x.dtype in DTYPES and zeta <= MAX_ZETA
 
 
-def _phi_q(z_ptr, w_ptr, n, gi, gmask, c0, C, BLOCK_C: constexpr):
-    """One step of φ · z for the subsets gi of sample n: channels c0 .. c0 + BLOCK_C of the pooled context z
-    (N, C, fp32) against φ (G, C, contiguous), summed in fp32 -> (BLOCK_G,)."""
-    cc = c0 + tl.arange(0, BLOCK_C)
-    cm = cc < C
-    zc = tl.load(z_ptr + n * C + cc, mask=cm, other=0.0).to(tl.float32)
-    wv = tl.load(w_ptr + gi[:, None] * C + cc[None, :], mask=gmask[:, None] & cm[None, :], other=0.0)
-    return tl.sum(wv.to(tl.float32) * zc[None, :], axis=1)
+def _p_of(p_ptr, z_ptr, w_ptr, n, gi, gmask, C, G, BLOCK_G: constexpr, BLOCK_C: constexpr, C_STEPS: constexpr,
+          PHI: constexpr):
+    """p (BLOCK_G,) in fp32 for the subsets gi of sample n: loaded from p (N, G), or with PHI computed here as
+    sigmoid(φ · z) from the pooled context z (N, C, fp32) and φ (G, C, contiguous), accumulated in fp32 over
+    C_STEPS steps of BLOCK_C channels (a constant trip count: Triton 3.6's interpreter cannot range() over
+    a runtime int)."""
+    if PHI:
+        q = tl.zeros((BLOCK_G,), tl.float32)
+        for step in range(C_STEPS):
+            cc = step * BLOCK_C + tl.arange(0, BLOCK_C)
+            cm = cc < C
+            zc = tl.load(z_ptr + n * C + cc, mask=cm, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + gi[:, None] * C + cc[None, :], mask=gmask[:, None] & cm[None, :], other=0.0)
+            q += tl.sum(wv.to(tl.float32) * zc[None, :], axis=1)
+        p = 1.0 / (1.0 + tl.exp(-q))
+    else:
+        p = tl.load(p_ptr + n * G + gi, mask=gmask, other=1.0).to(tl.float32)
+    return p
 
 
 def _pix_kernel(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, sxc, sxs, sgn, sgg, sgs,
@@ -66,7 +76,7 @@ def _pix_kernel(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, 
                 BLOCK_C: constexpr, C_STEPS: constexpr, PHI: constexpr, BACKWARD: constexpr):
     """Forward: o (N, G, S) = the output.  Backward: o (N, C, S) = the input gradient for g (N, G, S),
     and gp (N, G, programs along S) = per-tile partial sums of the p gradient.  p comes from p (N, G), or
-    with PHI (forward only) computed from the pooled context z and φ (:func:`_phi_q`)."""
+    with PHI (forward only) computed from the pooled context z and φ (:func:`_p_of`)."""
     n = tl.program_id(2).to(tl.int64)  # 64-bit offsets: a batch may hold more than 2**31 elements
     sb = tl.program_id(0)
     gi = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -88,13 +98,7 @@ def _pix_kernel(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sxn, 
         mx = tl.where(better, v, mx)
         arg = tl.where(better, j, arg)
         acc += tl.where(m, v, 0.0)
-    if PHI:  # p = sigmoid(φ · z), computed here
-        q = tl.zeros((BLOCK_G,), tl.float32)
-        for step in range(C_STEPS):  # a constant trip count: Triton 3.6's interpreter cannot range() over C
-            q += _phi_q(z_ptr, w_ptr, n, gi, gmask, step * BLOCK_C, C, BLOCK_C)
-        p = 1.0 / (1.0 + tl.exp(-q))
-    else:
-        p = tl.load(p_ptr + n * G + gi, mask=gmask, other=1.0).to(tl.float32)
+    p = _p_of(p_ptr, z_ptr, w_ptr, n, gi, gmask, C, G, BLOCK_G, BLOCK_C, C_STEPS, PHI)
     pick = p < tau
     coef = tl.where(pick, p, p / size)
     if BACKWARD:
@@ -143,13 +147,7 @@ def _pix_kernel_ci(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sx
     cand = tl.where(anynan[:, :, None], isnan, v == mx[:, :, None])
     arg = tl.min(tl.where(cand, jj[None, None, :], ZP), axis=2)
     acc = tl.sum(tl.where(m3, v, 0.0), axis=2)
-    if PHI:  # p = sigmoid(φ · z), computed here
-        q = tl.zeros((BLOCK_G,), tl.float32)
-        for step in range(C_STEPS):  # a constant trip count: Triton 3.6's interpreter cannot range() over C
-            q += _phi_q(z_ptr, w_ptr, n, gi, gmask, step * BLOCK_C, C, BLOCK_C)
-        p = 1.0 / (1.0 + tl.exp(-q))
-    else:
-        p = tl.load(p_ptr + n * G + gi, mask=gmask, other=1.0).to(tl.float32)
+    p = _p_of(p_ptr, z_ptr, w_ptr, n, gi, gmask, C, G, BLOCK_G, BLOCK_C, C_STEPS, PHI)
     pick = p < tau
     coef = tl.where(pick, p, p / size)
     if BACKWARD:
@@ -170,7 +168,7 @@ def _pix_kernel_ci(x_ptr, p_ptr, z_ptr, w_ptr, g_ptr, o_ptr, gp_ptr, C, G, S, sx
 
 # With TRITON_INTERPRET=1 in the environment (before triton is imported), triton.jit gives the interpreted
 # kernel, which runs on CPU tensors: the tests check the kernels that way on machines without a GPU.
-_phi_q = triton.jit(_phi_q) if triton is not None else None  # the kernels call it by this global name
+_p_of = triton.jit(_p_of) if triton is not None else None  # the kernels call it by this global name
 _KERNEL = triton.jit(_pix_kernel) if triton is not None else None
 _KERNEL_CI = triton.jit(_pix_kernel_ci) if triton is not None else None
 
@@ -199,7 +197,7 @@ def _config(t: Tensor, zeta: int, g: int) -> tuple[Any, dict[str, int], tuple[in
 
 
 def _block_c(c: int, bg: int) -> int:
-    """Channels per step of the φ loop (:func:`_phi_q`): up to 4096 φ elements per step (BLOCK_G × BLOCK_C)."""
+    """Channels per step of the φ loop (:func:`_p_of`): up to 4096 φ elements per step (BLOCK_G × BLOCK_C)."""
     return max(16, min(triton.next_power_of_2(c), 4096 // bg))
 
 
