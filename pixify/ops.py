@@ -1341,7 +1341,16 @@ def _whole_ok(x: Tensor, weight: Tensor) -> bool:
         and x.dim() >= 3
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
-        and not _reference_active()
+        and _plain_inference(x, weight)
+    )
+
+
+def _plain_inference(x: Tensor, weight: Tensor) -> bool:
+    """The part of :func:`_whole_ok` and :func:`_triton_inference_ok` that is about the call rather than
+    the kernel: reference mode off, φ a plain tensor or parameter, no gradient wanted from φ or x, nobody
+    watching the dispatcher (:func:`_direct_ok`)."""
+    return (
+        not _reference_active()
         and type(weight) in (Tensor, nn.Parameter)
         and not (torch.is_grad_enabled() and weight.requires_grad)
         and _direct_ok(x, x)
@@ -1350,19 +1359,14 @@ def _whole_ok(x: Tensor, weight: Tensor) -> bool:
 
 def _triton_inference_ok(x: Tensor, weight: Tensor, zeta: int) -> bool:
     """Whether :func:`pix` may run as the pooling plus one Triton launch (:func:`_pix_triton`): a tensor the
-    Triton kernels take, φ on its device in a dtype they read, no gradient wanted, nobody watching the
-    dispatcher (as :func:`_direct_ok`)."""
+    Triton kernels take, φ on its device in a dtype they read, and a plain inference call
+    (:func:`_plain_inference`)."""
     return (
         not torch.compiler.is_compiling()  # first: dynamo must not trace the private calls
         and triton_kernels.available(x, zeta)
-        and _REFERENCE.depth == 0
         and weight.dtype in triton_kernels.DTYPES
         and weight.device == x.device
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and type(x) is Tensor
-        and type(weight) in (Tensor, nn.Parameter)
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._is_torch_function_mode_enabled()
+        and _plain_inference(x, weight)
     )
 
 

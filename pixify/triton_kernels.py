@@ -204,9 +204,9 @@ def _block_c(c: int, bg: int) -> int:
 # Launch cache: the compiled kernel's own runner for each exact argument signature.  Triton's JIT launch
 # (kernel[grid](...)) works out the kernel's specialisation from every argument on every call; measured on an
 # H200's host (two runs) at 21-30 µs a call against 9-14 µs for the compiled kernel's runner, where the whole
-# 1×1 convolution that PiX replaces costs 14-23 µs.  A specialisation depends only on the argument dtypes, the integer values and
-# whether each pointer is 16-byte aligned, so a key made of exactly those (plus the kernel, its constants, the
-# grid and the device) finds a kernel compiled for the same specialisation.
+# 1×1 convolution that PiX replaces costs 14-23 µs.  A specialisation depends only on the argument dtypes,
+# the integer values and whether each pointer is 16-byte aligned, so a key made of exactly those (plus the
+# kernel, its constants, the grid and the device) finds a kernel compiled for the same specialisation.
 _RUNNERS: dict[tuple, Any] = {}
 _RUNNERS_MAX = 4096
 _USE_RUNNERS = True  # False after a triton whose compiled kernel has no runner: JIT launches only
