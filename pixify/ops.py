@@ -690,11 +690,24 @@ def _planar_forward_even(t: Tensor, p: Tensor, zeta: int, tau: float) -> Tensor:
     return out.view(n, g, s)
 
 
-def _fused_even(t4: Tensor, p: Tensor, tau: float) -> Tensor:
+def _fused_even(t4: Tensor, p: Tensor, tau: float, zeta: int | None = None) -> Tensor:
     """What the compiled kernel computes (and the compiler fuses into one loop over t4 (NB, zeta, S)):
-    per bag, p·max over its rows where p < tau, else p·mean."""
+    per bag, p·max over its rows where p < tau, else p·mean.
+
+    With ``zeta`` (a Python int equal to ``t4.shape[1]``) the rows are unrolled, so that every step is
+    pointwise over (NB, S): the generated loop then reads the zeta rows and writes the output once, where
+    the two reductions over the small middle dimension each stored a full-size buffer first (8×256×56×56,
+    zeta 4: about 1.4 against 2.0 ms).  Half precision is summed in fp32, as the reduction does."""
     pc = p.to(t4.dtype)[:, None]
-    return torch.where((p < tau)[:, None], t4.amax(1) * pc, t4.sum(1) * (pc / t4.shape[1]))
+    pick = (p < tau)[:, None]
+    if zeta is None:
+        return torch.where(pick, t4.amax(1) * pc, t4.sum(1) * (pc / t4.shape[1]))
+    rows = t4.unbind(1)
+    acc = torch.float32 if t4.dtype in (torch.float16, torch.bfloat16) else t4.dtype
+    mx, sm = rows[0], rows[0].to(acc)
+    for r in rows[1:]:
+        mx, sm = torch.maximum(mx, r), sm + r.to(acc)
+    return torch.where(pick, mx * pc, (sm * (pc.to(acc) / zeta)).to(t4.dtype))
 
 
 def _fused_even_backward(t4: Tensor, p: Tensor, g2: Tensor, tau: float,
@@ -761,12 +774,13 @@ def _fused_interleaved_backward(t3: Tensor, p: Tensor, g3: Tensor, tau: float,
     return _unrolled_backward(rows, (p < tau)[:, None, :], p.to(t3.dtype)[:, None, :], g3, zeta, 3)
 
 
-def _pix_even(t5: Tensor, w: Tensor, tau: float) -> Tensor:
+def _pix_even(t5: Tensor, w: Tensor, tau: float, zeta: int | None = None) -> Tensor:
     """The whole PiX operator for C divisible by zeta, on t5 = x.view(N, G, zeta, S): pooling, φ, sigmoid
-    and :func:`_fused_even`, as :func:`pix` computes them (what the compiled inference kernel runs)."""
+    and :func:`_fused_even` (unrolled given ``zeta``), as :func:`pix` computes them (what the compiled
+    inference kernel runs)."""
     n, g, z, s = t5.shape
     p = torch.sigmoid(F.linear(t5.sum(3).reshape(n, g * z) * (1.0 / s), w))
-    return _fused_even(t5.reshape(n * g, z, s), p.reshape(n * g), tau)
+    return _fused_even(t5.reshape(n * g, z, s), p.reshape(n * g), tau, zeta)
 
 
 def _pix_interleaved(t3: Tensor, w: Tensor, tau: float, zeta: int) -> Tensor:
@@ -775,7 +789,7 @@ def _pix_interleaved(t3: Tensor, w: Tensor, tau: float, zeta: int) -> Tensor:
     return _fused_interleaved(t3, p, tau, zeta)
 
 
-# the backward kernel is unrolled over the rows of a subset (one build per zeta) up to this zeta
+# the planar kernels are unrolled over the rows of a subset (one build per zeta) up to this zeta
 _UNROLL_MAX_ZETA = 16
 
 # the generated kernels built so far, by (kind, tau, dtypes); "failed" once a build has failed here
@@ -819,8 +833,9 @@ def _build_kernel(kind: str, tau: float, dtypes: tuple[torch.dtype, ...]) -> Cal
     and compiled ahead of time (``torch._inductor.standalone_compile``).  ``kind``:
 
     * planar memory (channels outside the pixels): "fwd" :func:`_fused_even`; "bwd"
-      :func:`_fused_even_backward` ("bwd<zeta>" unrolled for that zeta); "pix" :func:`_pix_even` ("pix/1"
-      for batch size 1, which the trace specialises);
+      :func:`_fused_even_backward`; "pix" :func:`_pix_even` ("pix/1" for batch size 1, which the trace
+      specialises); each with a zeta after it ("fwd4", "pix4/1") unrolled over the rows of a subset for
+      that zeta, without for any zeta;
     * channels innermost (channels-last NCHW, N×L×C tokens), each built for one zeta and with a batch-1
       build apart, as the batch is a dimension of their inputs: "cl-fwd<zeta>" :func:`_fused_interleaved`,
       "cl-bwd<zeta>" :func:`_fused_interleaved_backward`, "cl-pix<zeta>" :func:`_pix_interleaved`
@@ -835,29 +850,28 @@ def _build_kernel(kind: str, tau: float, dtypes: tuple[torch.dtype, ...]) -> Cal
     _import_cpp_extension_quietly()
     # Example sizes: distinct and >= 2, so that none is specialised or tied to another (duck sizing), and
     # of a network's order, as inductor takes them as size hints when it plans the loops.
+    # The batch of a planar "pix" build is 17, above any unrolled zeta, which a dimension of its input is.
     nb, z, s, g = 509, 3, 3137, 167
     base, _, batch = kind.partition("/")
-    n = 1 if batch == "1" else 2
-    # "bwd<zeta>": the backward unrolled for zeta; channels innermost, every kind is built for one zeta
-    unroll = None
-    if base.startswith(("bwd", "cl-")):
-        stem = base.rstrip("0123456789")
-        unroll = int(base[len(stem):]) if stem != base else None
-        base = stem if base.startswith("cl-") else base
+    n = 1 if batch == "1" else 17 if base.startswith("pix") else 2
+    # "<kind><zeta>": unrolled for zeta; channels innermost, every kind is built for one zeta
+    stem = base.rstrip("0123456789")
+    unroll = int(base[len(stem):]) if stem != base else None
+    base = stem
     zz = unroll or z
     # impl: no annotations, else make_fx copies them into the traced code as string globals, which
     # inductor's cache cannot key (it then warns with a traceback and does not cache the kernel)
     if base == "pix":
-        ex = [torch.zeros(n, g, z, s, dtype=dtypes[0]), torch.zeros(g, g * z, dtype=dtypes[1])]
+        ex = [torch.zeros(n, g, zz, s, dtype=dtypes[0]), torch.zeros(g, g * zz, dtype=dtypes[1])]
 
         def impl(t5, w):  # type: ignore[no-untyped-def]
-            return _pix_even(t5, w, tau)
+            return _pix_even(t5, w, tau, unroll)
     elif base == "fwd":
-        ex = [torch.zeros(nb, z, s, dtype=dtypes[0]), torch.zeros(nb, dtype=dtypes[1])]
+        ex = [torch.zeros(nb, zz, s, dtype=dtypes[0]), torch.zeros(nb, dtype=dtypes[1])]
 
         def impl(t4, p):  # type: ignore[no-untyped-def]
-            return _fused_even(t4, p, tau)
-    elif base.startswith("bwd"):
+            return _fused_even(t4, p, tau, unroll)
+    elif base == "bwd":
         ex = [torch.zeros(nb, zz, s, dtype=dtypes[0]), torch.zeros(nb, dtype=dtypes[1]),
               torch.zeros(nb, s, dtype=dtypes[2])]
 
@@ -904,7 +918,7 @@ def _compiled_even(t4: Tensor, p: Tensor, tau: float, grad: Tensor | None = None
         return None
     args = [t4.contiguous(), p.contiguous()] + ([] if grad is None else [grad.contiguous()])
     z = t4.shape[1]
-    kind = "fwd" if grad is None else (f"bwd{z}" if z <= _UNROLL_MAX_ZETA else "bwd")
+    kind = ("fwd" if grad is None else "bwd") + (str(z) if z <= _UNROLL_MAX_ZETA else "")
     return _run_kernel(kind, tau, args)
 
 
@@ -927,7 +941,7 @@ def _compiled_pix(t: Tensor, w: Tensor, tau: float, zeta: int | None = None) -> 
     if not compiled_kernels_enabled() or min(t.shape[1:]) < 2:
         return None
     if zeta is None:
-        kind = "pix"
+        kind = "pix" + (str(t.shape[2]) if t.shape[2] <= _UNROLL_MAX_ZETA else "")
     elif zeta <= _UNROLL_MAX_ZETA:
         kind = f"cl-pix{zeta}"
     else:

@@ -302,8 +302,9 @@ def test_compiled_kernels_any_shape_equal_reference(shape, zeta):
     gxr, gpr = torch.autograd.grad(pick_or_mix_reference(xr, pr, zeta), (xr, pr), g.view(n, -1, *shape[2:]))
     torch.testing.assert_close(gt.view(shape), gxr)
     torch.testing.assert_close(gp.view(p.shape), gpr, rtol=1e-5, atol=1e-4)
-    kind = f"bwd{zeta}" if zeta <= ops._UNROLL_MAX_ZETA else "bwd"  # unrolled, or rolled for a large zeta
-    assert (kind, 0.5, torch.float32, torch.float32, torch.float32) in ops._COMPILED["kernels"]
+    unrolled = str(zeta) if zeta <= ops._UNROLL_MAX_ZETA else ""  # unrolled, or rolled for a large zeta
+    assert ("fwd" + unrolled, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
+    assert ("bwd" + unrolled, 0.5, torch.float32, torch.float32, torch.float32) in ops._COMPILED["kernels"]
     assert ops._compiled_even(x.view(-1, zeta, s)[:1], p.view(-1)[:1], 0.5) is None  # a size-1 dim: eager
 
 
@@ -702,7 +703,7 @@ def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
         with reference_mode():
             yr = m(x)
     if layout == "contig":
-        kind = "pix/1" if shape[0] == 1 else "pix"
+        kind = f"pix{zeta}" + ("/1" if shape[0] == 1 else "")
     else:
         kind = f"cl-pix{zeta}" + ("/1" if shape[0] == 1 else "")
     assert (kind, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
