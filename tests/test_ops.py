@@ -683,7 +683,8 @@ def test_groups():
 
 
 @pytest.mark.parametrize("shape,zeta,layout", [((1, 256, 28, 28), 4, "contig"), ((2, 128, 30, 30), 2, "contig"),
-                                               ((3, 64, 1000), 8, "contig"), ((1, 256, 28, 28), 4, "cl"),
+                                               ((3, 64, 1000), 8, "contig"), ((2, 512, 16, 16), 32, "contig"),
+                                               ((1, 256, 28, 28), 4, "cl"),
                                                ((2, 120, 30, 30), 3, "cl"), ((2, 900, 96), 4, "tokens")])
 def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
     """fp32 inference runs pooling, φ, sigmoid and the fused step as one compiled kernel (batch 1 has its
@@ -705,7 +706,8 @@ def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
         with reference_mode():
             yr = m(x)
     if layout == "contig":
-        kind = f"pix{zeta}" + ("/1" if shape[0] == 1 else "")
+        # unrolled for its zeta, or rolled (any zeta) above _UNROLL_MAX_ZETA
+        kind = "pix" + (str(zeta) if zeta <= ops._UNROLL_MAX_ZETA else "") + ("/1" if shape[0] == 1 else "")
     else:
         kind = f"cl-pix{zeta}" + ("/1" if shape[0] == 1 else "")
     assert (kind, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
