@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .ops import pix_flop_formulas
+from .ops import eager_kernels, pix_flop_formulas
 
 __all__ = ["count_macs", "count_params", "output_agreement"]
 
@@ -18,7 +18,8 @@ def count_macs(model: nn.Module, example_input: Any, return_output: bool = False
 
     Convolutions and matmuls are counted by torch's own formulas; PiX by its registered formula (one
     compare-or-add per input element). Elementwise ops and norms count zero, as usual for MACs tables.
-    With ``return_output`` also returns the model's output of that same pass.
+    With ``return_output`` also returns the model's output of that same pass, which runs PiX's eager
+    kernels: compiling its CPU kernels would cost seconds for this one pass.
     """
     was_training = model.training
     model.eval()
@@ -29,7 +30,8 @@ def count_macs(model: nn.Module, example_input: Any, return_output: bool = False
     try:
         for p in frozen:
             p.requires_grad_(False)
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=pix_flop_formulas()) as counter:
+        with torch.no_grad(), eager_kernels(), \
+                FlopCounterMode(display=False, custom_mapping=pix_flop_formulas()) as counter:
             out = _call(model, example_input)
     finally:
         for p in frozen:

@@ -720,6 +720,24 @@ def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
     assert not ops._whole_ok(x.to(torch.float64), m.weight.double())
 
 
+def test_counting_macs_compiles_no_kernel(monkeypatch):
+    """count_macs runs one forward under FlopCounterMode (the custom-op path): it takes the eager kernels,
+    since building a CPU kernel would cost seconds for that one pass, and counts PiX by its formula."""
+    from pixify.metrics import count_macs
+
+    def no_build(*a, **k):
+        raise AssertionError("count_macs built a kernel")
+
+    monkeypatch.setattr(ops, "_build_kernel", no_build)
+    monkeypatch.setitem(ops._COMPILED, "kernels", {})  # nothing built yet in this test's view
+    monkeypatch.setitem(ops._COMPILED, "failed", False)  # restored afterwards, whatever happens here
+    m = nn.Sequential(PiX(64, 4), nn.Conv2d(16, 8, 1, bias=False))
+    macs, out = count_macs(m, torch.randn(2, 64, 32, 32), return_output=True)
+    # one per PiX input element, φ (C x G per sample), the conv
+    assert macs == 2 * 64 * 32 * 32 + 2 * 64 * 16 + 2 * 16 * 8 * 32 * 32
+    assert out.shape == (2, 8, 32, 32) and not ops._COMPILED["failed"]
+
+
 def test_whole_pix_non_dense_input_takes_the_op_path(monkeypatch):
     """A strided view (neither planar nor channels innermost) skips the whole-operator kernel without
     copying for it, and still equals the reference."""
