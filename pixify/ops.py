@@ -36,8 +36,11 @@ Implementation layout
     C++ compiler) the eager kernels below run, after one warning.
   - CPU, channels innermost (channels-last NCHW, N×L×C tokens), C divisible by zeta <= 16: the same
     for :func:`_fused_interleaved` / :func:`_fused_interleaved_backward` / :func:`_pix_interleaved`, one
-    build per zeta.  Inductor does not vectorise their stride-zeta loads: the forward takes about 1.4
-    passes (8x256x56x56, zeta 4), the backward about 13 (still faster than the eager kernel below).
+    build per zeta.  Inductor does not vectorise their stride-zeta loads: the forward takes about 4
+    passes (8x256x56x56, zeta 4), the backward about 13 (still faster than the eager kernel below).  So
+    the fp32 forward with zeta 2, 4, 8 or 16 runs a hand-vectorised C++ kernel instead
+    (:mod:`pixify.cpu_kernels`, built with inductor's toolchain: about one pass), and fp32 inference
+    pools with ATen, applies φ and runs that kernel.
     Under ``torch.compile`` the forward op is ``flexible_layout``, so it takes the channels-last
     activations that inductor's layout optimisation makes without a copy back to NCHW.
 
@@ -81,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import triton_kernels
+from . import cpu_kernels, triton_kernels
 from .errors import PixifyError
 
 __all__ = [
@@ -928,6 +931,10 @@ def _compiled_cl(t3: Tensor, p: Tensor, zeta: int, tau: float, grad: Tensor | No
     Built per zeta (up to ``_UNROLL_MAX_ZETA``) and for batch 1 apart."""
     if not compiled_kernels_enabled() or min(t3.shape[1:]) < 2 or zeta > _UNROLL_MAX_ZETA:
         return None
+    if grad is None and cpu_kernels.available(t3, zeta):
+        out = cpu_kernels.fused_interleaved(t3, p, zeta, tau)
+        if out is not None:
+            return out
     args = [t3.contiguous(), p.contiguous()] + ([] if grad is None else [grad.contiguous()])
     kind = ("cl-fwd" if grad is None else "cl-bwd") + str(zeta) + ("/1" if t3.shape[0] == 1 else "")
     return _run_kernel(kind, tau, args)
@@ -942,6 +949,13 @@ def _compiled_pix(t: Tensor, w: Tensor, tau: float, zeta: int | None = None) -> 
         return None
     if zeta is None:
         kind = "pix" + (str(t.shape[2]) if t.shape[2] <= _UNROLL_MAX_ZETA else "")
+    elif cpu_kernels.available(t, zeta):  # the pooling (ATen), φ, sigmoid, then the hand-vectorised step
+        with torch.no_grad():
+            p = torch.sigmoid(F.linear(t.mean(1), w))
+            out = cpu_kernels.fused_interleaved(t, p, zeta, tau)
+        if out is not None:
+            return out
+        return _compiled_pix(t, w, tau, zeta)  # it failed to build: now unavailable, the generated kernel
     elif zeta <= _UNROLL_MAX_ZETA:
         kind = f"cl-pix{zeta}"
     else:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pixify import ops
+from pixify import cpu_kernels, ops
 from pixify.ops import PiX, pick_or_mix, pick_or_mix_reference, pix, pix_groups, reference_mode
 
 
@@ -365,11 +365,15 @@ def test_compiled_backward_ties_route_to_first_channel():
 
 @pytest.mark.parametrize("shape,zeta,cd", [((2, 32, 40, 40), 4, 1), ((1, 24, 60, 50), 3, 1),  # batch 1: own build
                                            ((3, 700, 64), 2, 2), ((2, 64, 30, 30), 16, 1)])  # tokens; largest zeta
-def test_channels_innermost_kernels_equal_reference(shape, zeta, cd):
-    """Channels-last NCHW and N×L×C tokens (channels innermost) have their own generated kernels, built
-    per zeta: forward and backward equal the reference, output and input gradient keep the layout."""
+def test_channels_innermost_kernels_equal_reference(shape, zeta, cd, monkeypatch):
+    """Channels-last NCHW and N×L×C tokens (channels innermost) have their own kernels: the generated ones,
+    built per zeta, and for the fp32 forward with zeta in cpu_kernels.ZETAS the hand-vectorised one.
+    Forward and backward equal the reference, output and input gradient keep the layout."""
     if not ops.compiled_kernels_enabled():
         pytest.skip("compiled kernels disabled (PIXIFY_COMPILED_KERNELS=0)")
+    calls = []
+    real = cpu_kernels.fused_interleaved
+    monkeypatch.setattr(cpu_kernels, "fused_interleaved", lambda *a: calls.append(a[2]) or real(*a))
     x = make_x(shape, "cl" if len(shape) == 4 else "contig", kind="repeat", cd=cd)  # ties in every sample
     n, c = shape[0], shape[cd]
     p = make_p(n, c // zeta)
@@ -384,7 +388,10 @@ def test_channels_innermost_kernels_equal_reference(shape, zeta, cd):
     torch.testing.assert_close(gp, gpr, rtol=1e-5, atol=1e-4)
     batch = "/1" if n == 1 else ""
     f32 = torch.float32
-    assert (f"cl-fwd{zeta}{batch}", 0.5, f32, f32) in ops._COMPILED["kernels"]
+    if zeta in cpu_kernels.ZETAS:
+        assert calls == [zeta]  # the forward, by hand
+    else:
+        assert not calls and (f"cl-fwd{zeta}{batch}", 0.5, f32, f32) in ops._COMPILED["kernels"]
     assert (f"cl-bwd{zeta}{batch}", 0.5, f32, f32, f32) in ops._COMPILED["kernels"]
     if len(shape) == 4:
         assert y.is_contiguous(memory_format=torch.channels_last)
@@ -420,6 +427,60 @@ def test_compiled_kernel_switches(monkeypatch):
     with ops.eager_kernels():
         assert not ops.compiled_kernels_enabled()
         assert ops._compiled_even(torch.zeros(4, 2, 3), torch.zeros(4), 0.5) is None
+
+
+@pytest.mark.parametrize("zeta", cpu_kernels.ZETAS)
+@pytest.mark.parametrize("n,s,groups", [(2, 37, 16), (1, 5, 35), (3, 4, 3)])  # whole vectors, a tail, tail only
+def test_channels_last_cpu_kernel_equals_reference(zeta, n, s, groups):
+    """The hand-vectorised channels-innermost step on (N, S, C) against the reference: both branches, ties
+    (an all-equal subset too), p exactly at tau (mixes), a NaN in a pick and in a mix subset, +-inf."""
+    c = groups * zeta
+    g = torch.Generator().manual_seed(zeta * 100 + groups)
+    x = torch.randint(-3, 4, (n, s, c), generator=g).float() * 0.5 + torch.rand(n, s, c, generator=g) * (
+        torch.rand(n, s, c, generator=g) < 0.5)  # many ties, some not
+    x[0, 0, :zeta] = 1.25  # an all-equal subset
+    p = torch.rand(n, groups, generator=g)
+    p[0, 0] = 0.5  # at tau: mix
+    p[-1, -1], p[0, -1] = 0.2, 0.8  # a pick and a mix subset ...
+    x[-1, -1, -zeta] = float("nan")  # ... each with a NaN (propagates through max and sum)
+    x[0, -1, -zeta:] = float("nan")
+    x[0, 1, zeta:2 * zeta] = float("inf")
+    x[-1, 1, :zeta] = float("-inf")
+    if not cpu_kernels.available(x, zeta):
+        pytest.skip("the channels-last CPU kernel failed to build here")
+    got = cpu_kernels.fused_interleaved(x, p, zeta, 0.5)
+    assert got is not None and got.shape == (n, s, groups) and got.is_contiguous()
+    want = pick_or_mix_reference(x, p, zeta, channel_dim=2)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert torch.isnan(got[-1, -1, -1]) and torch.isnan(got[0, -1, -1])
+    # another tau, read by the kernel at run time
+    torch.testing.assert_close(cpu_kernels.fused_interleaved(x, p, zeta, 0.3),
+                               pick_or_mix_reference(x, p, zeta, 0.3, channel_dim=2), equal_nan=True)
+
+
+def test_channels_last_cpu_kernel_failure_falls_back_once(monkeypatch):
+    """A channels-last kernel that cannot be built warns once; the generated kernels then run, and agree."""
+    def broken():
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    monkeypatch.setattr(cpu_kernels, "_kernel", broken)
+    monkeypatch.setitem(cpu_kernels._STATE, "failed", False)
+    x = make_x((2, 32, 40, 40), "cl")
+    p = make_p(2, 8)
+    m = PiX(32, 4)
+    with torch.no_grad():
+        m.weight.normal_()
+    with torch.inference_mode():
+        with pytest.warns(RuntimeWarning, match=r"channels-last PiX CPU kernel is unavailable here"):
+            y = pick_or_mix(x, p, 4)
+        assert not cpu_kernels.available(x.permute(0, 2, 3, 1).flatten(1, 2), 4)  # not retried
+        torch.testing.assert_close(y, pick_or_mix_reference(x, p, 4))
+        torch.testing.assert_close(m(x), pix_reference_of(m, x))
+
+
+def pix_reference_of(m, x):
+    with reference_mode():
+        return m(x)
 
 
 def test_direct_path_only_when_nobody_watches():
@@ -708,9 +769,12 @@ def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
     if layout == "contig":
         # unrolled for its zeta, or rolled (any zeta) above _UNROLL_MAX_ZETA
         kind = "pix" + (str(zeta) if zeta <= ops._UNROLL_MAX_ZETA else "") + ("/1" if shape[0] == 1 else "")
+        assert (kind, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
+    elif zeta in cpu_kernels.ZETAS:  # channels innermost: ATen pooling, φ, the hand-vectorised step
+        assert cpu_kernels._STATE["kernel"] is not None
     else:
         kind = f"cl-pix{zeta}" + ("/1" if shape[0] == 1 else "")
-    assert (kind, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
+        assert (kind, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
     z = x.mean(2 if cd == 1 else 1).flatten(1) if x.dim() == 3 else x.flatten(2).mean(2)
     p = torch.sigmoid(z @ m.weight.T)
     assert 0.1 < float((p < 0.5).float().mean()) < 0.9  # both branches taken
