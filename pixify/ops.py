@@ -928,7 +928,8 @@ def _compiled_even(t4: Tensor, p: Tensor, tau: float, grad: Tensor | None = None
 def _compiled_cl(t3: Tensor, p: Tensor, zeta: int, tau: float, grad: Tensor | None = None) -> Any:
     """:func:`_compiled_even` for channels-innermost memory: t3 (N, S, C), p (N, G) -> (N, S, G)
     (:func:`_fused_interleaved`), or with ``grad`` (N, S, G) the gradients (N, S, G, zeta) and (N, G).
-    Built per zeta (up to ``_UNROLL_MAX_ZETA``) and for batch 1 apart."""
+    Built per zeta (up to ``_UNROLL_MAX_ZETA``) and for batch 1 apart.  The fp32 forward runs the
+    hand-vectorised kernel instead where it applies (:func:`cpu_kernels.fused_interleaved`)."""
     if not compiled_kernels_enabled() or min(t3.shape[1:]) < 2 or zeta > _UNROLL_MAX_ZETA:
         return None
     if grad is None and cpu_kernels.available(t3, zeta):
@@ -944,7 +945,8 @@ def _compiled_pix(t: Tensor, w: Tensor, tau: float, zeta: int | None = None) -> 
     """The whole operator as one generated kernel call (inference): pooling, φ, sigmoid and the fused step
     without a Python round trip between them.  w (G, C) of t's dtype; t contiguous, planar
     (N, G, zeta, S) (:func:`_pix_even`, returns (N*G, S)) or, given ``zeta``, channels innermost (N, S, C)
-    (:func:`_pix_interleaved`, returns (N, S, G))."""
+    (:func:`_pix_interleaved`, returns (N, S, G)).  Channels innermost, where the hand-vectorised step
+    applies, it is three calls instead: ATen's pooling, φ with its sigmoid, and that step."""
     if not compiled_kernels_enabled() or min(t.shape[1:]) < 2:
         return None
     if zeta is None:
