@@ -928,12 +928,16 @@ def _compiled_even(t4: Tensor, p: Tensor, tau: float, grad: Tensor | None = None
 def _compiled_cl(t3: Tensor, p: Tensor, zeta: int, tau: float, grad: Tensor | None = None) -> Any:
     """:func:`_compiled_even` for channels-innermost memory: t3 (N, S, C), p (N, G) -> (N, S, G)
     (:func:`_fused_interleaved`), or with ``grad`` (N, S, G) the gradients (N, S, G, zeta) and (N, G).
-    Built per zeta (up to ``_UNROLL_MAX_ZETA``) and for batch 1 apart.  The fp32 forward runs the
-    hand-vectorised kernel instead where it applies (:func:`cpu_kernels.fused_interleaved`)."""
+    Built per zeta (up to ``_UNROLL_MAX_ZETA``) and for batch 1 apart.  In fp32 the hand-vectorised
+    kernels run instead where they apply (:mod:`pixify.cpu_kernels`; the input gradient then comes as
+    (N, S, C), the same memory)."""
     if not compiled_kernels_enabled() or min(t3.shape[1:]) < 2 or zeta > _UNROLL_MAX_ZETA:
         return None
-    if grad is None and cpu_kernels.available(t3, zeta):
-        out = cpu_kernels.fused_interleaved(t3, p, zeta, tau)
+    if cpu_kernels.available(t3, zeta):
+        if grad is None:
+            out = cpu_kernels.fused_interleaved(t3, p, zeta, tau)
+        else:
+            out = cpu_kernels.fused_interleaved_backward(t3, p, grad, zeta, tau)
         if out is not None:
             return out
     args = [t3.contiguous(), p.contiguous()] + ([] if grad is None else [grad.contiguous()])

@@ -367,13 +367,14 @@ def test_compiled_backward_ties_route_to_first_channel():
                                            ((3, 700, 64), 2, 2), ((2, 64, 30, 30), 16, 1)])  # tokens; largest zeta
 def test_channels_innermost_kernels_equal_reference(shape, zeta, cd, monkeypatch):
     """Channels-last NCHW and N×L×C tokens (channels innermost) have their own kernels: the generated ones,
-    built per zeta, and for the fp32 forward with zeta in cpu_kernels.ZETAS the hand-vectorised one.
-    Forward and backward equal the reference, output and input gradient keep the layout."""
+    built per zeta, and in fp32 with zeta in cpu_kernels.ZETAS the hand-vectorised ones.  Forward and
+    backward equal the reference, output and input gradient keep the layout."""
     if not ops.compiled_kernels_enabled():
         pytest.skip("compiled kernels disabled (PIXIFY_COMPILED_KERNELS=0)")
     calls = []
-    real = cpu_kernels.fused_interleaved
-    monkeypatch.setattr(cpu_kernels, "fused_interleaved", lambda *a: calls.append(a[2]) or real(*a))
+    fwd, bwd = cpu_kernels.fused_interleaved, cpu_kernels.fused_interleaved_backward
+    monkeypatch.setattr(cpu_kernels, "fused_interleaved", lambda *a: calls.append("fwd") or fwd(*a))
+    monkeypatch.setattr(cpu_kernels, "fused_interleaved_backward", lambda *a: calls.append("bwd") or bwd(*a))
     x = make_x(shape, "cl" if len(shape) == 4 else "contig", kind="repeat", cd=cd)  # ties in every sample
     n, c = shape[0], shape[cd]
     p = make_p(n, c // zeta)
@@ -389,10 +390,10 @@ def test_channels_innermost_kernels_equal_reference(shape, zeta, cd, monkeypatch
     batch = "/1" if n == 1 else ""
     f32 = torch.float32
     if zeta in cpu_kernels.ZETAS:
-        assert calls == [zeta]  # the forward, by hand
+        assert calls == ["fwd", "bwd"]  # by hand
     else:
         assert not calls and (f"cl-fwd{zeta}{batch}", 0.5, f32, f32) in ops._COMPILED["kernels"]
-    assert (f"cl-bwd{zeta}{batch}", 0.5, f32, f32, f32) in ops._COMPILED["kernels"]
+        assert (f"cl-bwd{zeta}{batch}", 0.5, f32, f32, f32) in ops._COMPILED["kernels"]
     if len(shape) == 4:
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert gx.is_contiguous(memory_format=torch.channels_last)
@@ -432,8 +433,9 @@ def test_compiled_kernel_switches(monkeypatch):
 @pytest.mark.parametrize("zeta", cpu_kernels.ZETAS)
 @pytest.mark.parametrize("n,s,groups", [(2, 37, 16), (1, 5, 35), (3, 4, 3)])  # whole vectors, a tail, tail only
 def test_channels_last_cpu_kernel_equals_reference(zeta, n, s, groups):
-    """The hand-vectorised channels-innermost step on (N, S, C) against the reference: both branches, ties
-    (an all-equal subset too), p exactly at tau (mixes), a NaN in a pick and in a mix subset, +-inf."""
+    """The hand-vectorised channels-innermost step and its backward on (N, S, C) against the reference: both
+    branches, ties (an all-equal subset too), p exactly at tau (mixes), a NaN in a pick and in a mix
+    subset, +-inf."""
     c = groups * zeta
     g = torch.Generator().manual_seed(zeta * 100 + groups)
     x = torch.randint(-3, 4, (n, s, c), generator=g).float() * 0.5 + torch.rand(n, s, c, generator=g) * (
@@ -456,6 +458,15 @@ def test_channels_last_cpu_kernel_equals_reference(zeta, n, s, groups):
     # another tau, read by the kernel at run time
     torch.testing.assert_close(cpu_kernels.fused_interleaved(x, p, zeta, 0.3),
                                pick_or_mix_reference(x, p, zeta, 0.3, channel_dim=2), equal_nan=True)
+    # the backward: the first arg-max (the first NaN where there is one, as torch.max) of a pick subset, every
+    # channel of a mix subset; p's gradient (NaN where a NaN is in the taken max or mean)
+    gr = torch.randn(n, s, groups, generator=g)
+    gx, gp = cpu_kernels.fused_interleaved_backward(x, p, gr, zeta, 0.5)
+    xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
+    gxr, gpr = torch.autograd.grad(pick_or_mix_reference(xr, pr, zeta, channel_dim=2), (xr, pr), gr)
+    assert gx.shape == x.shape and gp.shape == p.shape
+    torch.testing.assert_close(gx, gxr)
+    torch.testing.assert_close(gp, gpr, rtol=1e-5, atol=1e-4, equal_nan=True)
 
 
 def test_channels_last_cpu_kernel_failure_falls_back_once(monkeypatch):
