@@ -38,9 +38,9 @@ Implementation layout
     for :func:`_fused_interleaved` / :func:`_fused_interleaved_backward` / :func:`_pix_interleaved`, one
     build per zeta.  Inductor does not vectorise their stride-zeta loads: the forward takes about 4
     passes (8x256x56x56, zeta 4), the backward about 13 (still faster than the eager kernel below).  So
-    the fp32 forward with zeta 2, 4, 8 or 16 runs a hand-vectorised C++ kernel instead
-    (:mod:`pixify.cpu_kernels`, built with inductor's toolchain: about one pass), and fp32 inference
-    pools with ATen, applies φ and runs that kernel.
+    in fp32 with zeta 2, 4, 8 or 16 hand-vectorised C++ kernels run instead (:mod:`pixify.cpu_kernels`,
+    built with inductor's toolchain: the forward about one pass, the backward about four), and fp32
+    inference pools with ATen, applies φ and runs the forward one.
     Under ``torch.compile`` the forward op is ``flexible_layout``, so it takes the channels-last
     activations that inductor's layout optimisation makes without a copy back to NCHW.
 
@@ -1250,8 +1250,9 @@ _FLEXIBLE = tuple(t for t in [getattr(torch._C.Tag, "flexible_layout", None)] if
 # activations, with its layout optimisation for convolutions) instead of copying it back to the strides
 # seen while tracing; the kernels take planar and channels-innermost memory alike, and the fake kernel
 # gives the output the input's layout, as the real one does.  The backward keeps the default (the traced
-# strides): its channels-innermost kernel is far slower than inductor's copy to NCHW plus the planar one
-# (8x256x56x56, zeta 4: 29 ms, against 2 ms for the planar kernel).
+# strides): its generated channels-innermost kernel was far slower than inductor's copy to NCHW plus the
+# planar one (8x256x56x56, zeta 4: 29 ms, against 2 ms for the planar kernel).  The hand-vectorised one
+# (cpu_kernels, fp32) takes 3.8 ms there; whether the copies now cost more has not been measured.
 
 
 @torch.library.custom_op("pixify::pick_or_mix", mutates_args=(), tags=_FLEXIBLE)
