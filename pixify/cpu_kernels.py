@@ -1,16 +1,18 @@
-"""A hand-vectorised C++ kernel for the fused pick-or-mix step on channels-innermost CPU memory.
+"""Hand-vectorised C++ kernels for the fused pick-or-mix step on channels-innermost CPU memory.
 
 For channels-last NCHW and N×L×C token inputs, the ζ channels of a subset are adjacent in memory, so the
 step reduces groups of ζ consecutive floats.  Inductor generates that loop with one scalar load per channel
-(it does not vectorise the stride-ζ access): about 4× a pass over the input.  This kernel loads ζ whole
-vectors of one position's channels and separates the groups in registers with ``at::vec::deinterleave2``
-(log2 ζ rounds of pairwise max and sum), so each vector lane ends up holding one subset: about one pass.
+(it does not vectorise the stride-ζ access): about 4× a pass over the input forward, 13× backward.  These
+kernels load ζ whole vectors of one position's channels and separate the subsets in registers with
+``at::vec::deinterleave2``, so that each vector lane holds one subset: the forward (log2 ζ rounds of
+pairwise max and sum) takes about one pass; the backward (the channels separated in order, to find the
+first arg-max, and the gradients put back with ``interleave2``) about four.
 
-It is fp32, forward only (inference and the custom op's forward), for ζ in :data:`ZETAS` and C divisible by
-ζ; everything else keeps the inductor-generated kernels.  It is built with inductor's own C++ toolchain
-(``CppPythonBindingsCodeCache``: the compiler, flags, OpenMP runtime and vector headers that inductor uses
-for its kernels; about a second, then cached on disk), on first use.  Where it cannot be built it warns once
-and pixify uses the generated kernels.  ``ops`` calls :func:`fused_interleaved` when :func:`available`.
+They are fp32, for ζ in :data:`ZETAS` and C divisible by ζ; everything else keeps the inductor-generated
+kernels.  They are one source built with inductor's own C++ toolchain (``CppPythonBindingsCodeCache``: the
+compiler, flags, OpenMP runtime and vector headers that inductor uses for its kernels; about a second, then
+cached on disk), on first use.  Where that fails pixify warns once and uses the generated kernels.  ``ops``
+calls :func:`fused_interleaved` / :func:`fused_interleaved_backward` when :func:`available`.
 """
 
 from __future__ import annotations
@@ -200,8 +202,8 @@ _TAUS: dict[float, Tensor] = {}
 
 
 def available(t3: Tensor, zeta: int) -> bool:
-    """Whether :func:`fused_interleaved` takes t3 (N, S, C): fp32 on CPU, zeta in :data:`ZETAS` dividing C,
-    and the kernel has not failed to build here.  (Whether compiled kernels are allowed at all is the
+    """Whether the kernels take t3 (N, S, C): fp32 on CPU, zeta in :data:`ZETAS` dividing C, and they have
+    not failed to build here.  (Whether compiled kernels are allowed at all is the
     caller's test, ``ops.compiled_kernels_enabled``.)"""
     return (
         not _STATE["failed"]
