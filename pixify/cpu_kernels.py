@@ -81,6 +81,7 @@ void fused(const float* x, const float* p, float* out, float tau, int64_t n, int
         }
     }
 }
+
 template <int Z>
 struct Split {
     // v: Z vectors, a run of Z * V consecutive channels;  c[k]: channel k of each of the V subsets
