@@ -1252,7 +1252,8 @@ _FLEXIBLE = tuple(t for t in [getattr(torch._C.Tag, "flexible_layout", None)] if
 # gives the output the input's layout, as the real one does.  The backward keeps the default (the traced
 # strides): its generated channels-innermost kernel was far slower than inductor's copy to NCHW plus the
 # planar one (8x256x56x56, zeta 4: 29 ms, against 2 ms for the planar kernel).  The hand-vectorised one
-# (cpu_kernels, fp32) takes 3.8 ms there; whether the copies now cost more has not been measured.
+# (cpu_kernels, fp32) takes 3.8 ms there, but tagging the backward flexible_layout still made a compiled
+# conv -> PiX -> conv training step at that size slower (312-350 against 273-285 ms, one run each).
 
 
 @torch.library.custom_op("pixify::pick_or_mix", mutates_args=(), tags=_FLEXIBLE)
