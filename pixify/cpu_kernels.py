@@ -204,7 +204,7 @@ _TAUS: dict[float, Tensor] = {}
 
 def available(t3: Tensor, zeta: int) -> bool:
     """Whether the kernels take t3 (N, S, C): fp32 on CPU, zeta in :data:`ZETAS` dividing C, and they have
-    not failed to build here.  (Whether compiled kernels are allowed at all is the
+    not failed to build here.  p must be fp32 too (the caller's test: p is compared with tau in its dtype).  (Whether compiled kernels are allowed at all is the
     caller's test, ``ops.compiled_kernels_enabled``.)"""
     return (
         not _STATE["failed"]
@@ -236,7 +236,7 @@ def _run(t3: Tensor, p: Tensor, zeta: int, tau: float, grad: Tensor | None) -> t
         return None
     n, s, c = t3.shape
     t3 = t3.contiguous()
-    p = p.to(torch.float32).contiguous()
+    p = p.contiguous()
     tau_t = _TAUS.get(tau)
     if tau_t is None:
         tau_t = _TAUS[tau] = torch.tensor([tau], dtype=torch.float32)

@@ -933,7 +933,7 @@ def _compiled_cl(t3: Tensor, p: Tensor, zeta: int, tau: float, grad: Tensor | No
     (N, S, C), the same memory)."""
     if not compiled_kernels_enabled() or min(t3.shape[1:]) < 2 or zeta > _UNROLL_MAX_ZETA:
         return None
-    if cpu_kernels.available(t3, zeta):
+    if p.dtype == torch.float32 and cpu_kernels.available(t3, zeta):  # p compared with tau in its own dtype
         if grad is None:
             out = cpu_kernels.fused_interleaved(t3, p, zeta, tau)
         else:

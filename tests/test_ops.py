@@ -471,6 +471,24 @@ def test_channels_last_cpu_kernel_equals_reference(zeta, n, s, groups):
     torch.testing.assert_close(gp, gpr, rtol=1e-5, atol=1e-4, equal_nan=True)
 
 
+def test_channels_last_cpu_kernel_takes_fp32_p_only(monkeypatch):
+    """A float64 p is compared with tau in float64 by the reference: the generated kernel (keyed by p's
+    dtype) runs instead of the hand-vectorised one, whose comparison is in fp32."""
+    if not ops.compiled_kernels_enabled():
+        pytest.skip("compiled kernels disabled (PIXIFY_COMPILED_KERNELS=0)")
+    calls = []
+    real = cpu_kernels.fused_interleaved
+    monkeypatch.setattr(cpu_kernels, "fused_interleaved", lambda *a: calls.append(a) or real(*a))
+    x = make_x((2, 32, 40, 40), "cl")
+    p = make_p(2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = pick_or_mix(x, p, 4)
+        assert not calls
+        torch.testing.assert_close(y, pick_or_mix_reference(x, p, 4))
+        pick_or_mix(x, p.float(), 4)
+        assert len(calls) == 1
+
+
 def test_channels_last_cpu_kernel_failure_falls_back_once(monkeypatch):
     """A channels-last kernel that cannot be built warns once; the generated kernels then run, and agree."""
     if not ops.compiled_kernels_enabled():
