@@ -202,14 +202,15 @@ _STATE: dict[str, Any] = {"kernel": None, "failed": False}
 _TAUS: dict[float, Tensor] = {}
 
 
-def available(t3: Tensor, zeta: int) -> bool:
-    """Whether the kernels take t3 (N, S, C): fp32 on CPU, zeta in :data:`ZETAS` dividing C, and they have
-    not failed to build here.  p must be fp32 too (the caller's test: p is compared with tau in its dtype).  (Whether compiled kernels are allowed at all is the
-    caller's test, ``ops.compiled_kernels_enabled``.)"""
+def available(t3: Tensor, p_dtype: torch.dtype, zeta: int) -> bool:
+    """Whether the kernels take t3 (N, S, C) with p of ``p_dtype``: both fp32 (the reference compares p with
+    tau in p's dtype), on CPU, zeta in :data:`ZETAS` dividing C, and they have not failed to build here.
+    (Whether compiled kernels are allowed at all is the caller's test, ``ops.compiled_kernels_enabled``.)"""
     return (
         not _STATE["failed"]
         and zeta in ZETAS
         and t3.dtype == torch.float32
+        and p_dtype == torch.float32
         and t3.device.type == "cpu"
         and t3.dim() == 3
         and t3.shape[2] % zeta == 0

@@ -705,12 +705,18 @@ def _fused_even(t4: Tensor, p: Tensor, tau: float, zeta: int | None = None) -> T
     pick = (p < tau)[:, None]
     if zeta is None:
         return torch.where(pick, t4.amax(1) * pc, t4.sum(1) * (pc / t4.shape[1]))
-    rows = t4.unbind(1)
     acc = torch.float32 if t4.dtype in (torch.float16, torch.bfloat16) else t4.dtype
+    mx, sm = _rows_max_sum(t4.unbind(1), acc)
+    return torch.where(pick, mx * pc, (sm * (pc.to(acc) / zeta)).to(t4.dtype))
+
+
+def _rows_max_sum(rows: tuple[Tensor, ...], acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Element-wise max and sum (in ``acc``) of the rows of a subset: pointwise steps, as the unrolled
+    kernels need them."""
     mx, sm = rows[0], rows[0].to(acc)
     for r in rows[1:]:
         mx, sm = torch.maximum(mx, r), sm + r.to(acc)
-    return torch.where(pick, mx * pc, (sm * (pc.to(acc) / zeta)).to(t4.dtype))
+    return mx, sm
 
 
 def _fused_even_backward(t4: Tensor, p: Tensor, g2: Tensor, tau: float,
@@ -743,9 +749,7 @@ def _unrolled_backward(rows: tuple[Tensor, ...], pick: Tensor, pc: Tensor, g: Te
                        dim: int) -> tuple[Tensor, Tensor]:
     """The backward of the fused step from the ``zeta`` rows of every subset (each the output's shape):
     every step pointwise.  The input gradient stacks the rows' gradients at ``dim``."""
-    mx, sm = rows[0], rows[0]
-    for r in rows[1:]:
-        mx, sm = torch.maximum(mx, r), sm + r
+    mx, sm = _rows_max_sum(rows, rows[0].dtype)
     gg, grad_p = _grads_given_fused(torch.where(pick, mx, sm / zeta), pick, pc, g, zeta)
     zero = torch.zeros((), dtype=g.dtype, device=g.device)
     mix = ~pick
@@ -933,7 +937,7 @@ def _compiled_cl(t3: Tensor, p: Tensor, zeta: int, tau: float, grad: Tensor | No
     (N, S, C), the same memory)."""
     if not compiled_kernels_enabled() or min(t3.shape[1:]) < 2 or zeta > _UNROLL_MAX_ZETA:
         return None
-    if p.dtype == torch.float32 and cpu_kernels.available(t3, zeta):  # p compared with tau in its own dtype
+    if cpu_kernels.available(t3, p.dtype, zeta):
         if grad is None:
             out = cpu_kernels.fused_interleaved(t3, p, zeta, tau)
         else:
@@ -955,7 +959,7 @@ def _compiled_pix(t: Tensor, w: Tensor, tau: float, zeta: int | None = None) -> 
         return None
     if zeta is None:
         kind = "pix" + (str(t.shape[2]) if t.shape[2] <= _UNROLL_MAX_ZETA else "")
-    elif cpu_kernels.available(t, zeta):  # the pooling (ATen), φ, sigmoid, then the hand-vectorised step
+    elif cpu_kernels.available(t, w.dtype, zeta):  # the pooling (ATen), φ with its sigmoid, the hand step
         with torch.no_grad():
             p = torch.sigmoid(F.linear(t.mean(1), w))
             out = cpu_kernels.fused_interleaved(t, p, zeta, tau)

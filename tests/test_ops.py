@@ -450,7 +450,7 @@ def test_channels_last_cpu_kernel_equals_reference(zeta, n, s, groups):
     x[0, -1, -zeta:] = float("nan")
     x[0, 1, zeta:2 * zeta] = float("inf")
     x[-1, 1, :zeta] = float("-inf")
-    if not cpu_kernels.available(x, zeta):
+    if not cpu_kernels.available(x, p.dtype, zeta):
         pytest.skip("the channels-last CPU kernel failed to build here")
     got = cpu_kernels.fused_interleaved(x, p, zeta, 0.5)
     assert got is not None and got.shape == (n, s, groups) and got.is_contiguous()
@@ -507,7 +507,7 @@ def test_channels_last_cpu_kernel_failure_falls_back_once(monkeypatch):
     with torch.inference_mode():
         with pytest.warns(RuntimeWarning, match=r"channels-last PiX CPU kernel is unavailable here"):
             y = pick_or_mix(x, p, 4)
-        assert not cpu_kernels.available(x.permute(0, 2, 3, 1).flatten(1, 2), 4)  # not retried
+        assert not cpu_kernels.available(x.permute(0, 2, 3, 1).flatten(1, 2), p.dtype, 4)  # not retried
         torch.testing.assert_close(y, pick_or_mix_reference(x, p, 4))
         torch.testing.assert_close(m(x), pix_reference_of(m, x))
 
