@@ -140,7 +140,7 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
     recipe = read_recipe(path)
     source = Source.from_json(recipe["source"])
     if model is None:
-        model = rebuild(source)
+        model = rebuild(source, init=False)  # every weight is loaded strictly below
     sites = [SiteRecord.from_json(s) for s in recipe["sites"]]
     try:
         apply_sites(model, sites)

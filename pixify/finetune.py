@@ -236,7 +236,7 @@ def load_teacher(recipe: dict[str, Any], teacher: nn.Module | str | Path | None 
                           "use the Python API: pixify.finetune(model, data, teacher=original_model)")
     if teacher is not None:
         state = load_weights_file(teacher)
-        model = rebuild(source, with_weights=False)
+        model = rebuild(source, init=False)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:

@@ -41,6 +41,58 @@ def test_round_trip_is_bit_identical(tmp_path, spec, zeta):
     assert recipe["rules"] and all(len(r["sha256"]) == 16 for r in recipe["rules"])
 
 
+@pytest.mark.parametrize("spec", ["test_vit_relpos"])
+def test_round_trip_of_models_with_truncated_normal_init_and_computed_buffers(tmp_path, spec):
+    # trunc_normal_ init, which the rebuild for loading skips, and non-persistent buffers (relative position
+    # indices), which it must still compute: the loaded model agrees bit for bit
+    _round_trip(tmp_path, spec, "auto", size=160)
+
+
+def test_load_leaves_the_random_state_alone(tmp_path):
+    # the rebuilt model's weights are all loaded next, so loading draws no random init: a user's seeded run
+    # is not shifted by loading a checkpoint (and a large model loads several times faster)
+    model, src = pixify.create_model("resnet26", pretrained=False)
+    conv, _ = pixify.convert(model, zeta=2, source=src, example_input=torch.randn(1, 3, 64, 64))
+    path = tmp_path / "m.safetensors"
+    pixify.save(conv, path)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    loaded = pixify.load(path)
+    assert torch.equal(torch.get_rng_state(), state)
+    for (k, a), (_, b) in zip(conv.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_skipped_random_init_zeroes_the_draws_and_keeps_the_rest():
+    from pixify.sources import _random_init_skipped
+
+    with _random_init_skipped():
+        lin = nn.Linear(8, 4)
+        t = nn.init.trunc_normal_(torch.empty(5, 5), std=0.02)
+        r = torch.empty(3).normal_()
+        idx = torch.arange(6).view(2, 3) * 2  # computed values are untouched
+    assert not lin.weight.any() and not lin.bias.any() and lin.weight.requires_grad
+    assert not t.any() and not r.any()
+    assert idx.tolist() == [[0, 2, 4], [6, 8, 10]]
+    assert not torch._C._is_torch_function_mode_enabled()
+
+
+def test_a_constructor_that_fails_without_its_draws_is_built_normally(monkeypatch):
+    from pixify import sources
+
+    calls = []
+
+    def build(library, name, pretrained, kwargs):
+        calls.append(torch._C._is_torch_function_mode_enabled())
+        if calls[-1]:
+            raise RuntimeError("this constructor checks its random weights")
+        return nn.Linear(2, 2)
+
+    monkeypatch.setattr(sources, "_build", build)
+    assert isinstance(sources._build_for_loading("timm", "x", {}), nn.Linear)
+    assert calls == [True, False]
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
