@@ -63,6 +63,18 @@ def test_load_leaves_the_random_state_alone(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_teacher_from_a_weights_file_is_those_weights(tmp_path):
+    from pixify.finetune import load_teacher
+
+    model, src = pixify.create_model("resnet26", pretrained=False, seed=5)
+    wpath = tmp_path / "teacher.safetensors"
+    save_file(model.state_dict(), str(wpath))
+    conv, _ = pixify.convert(model, zeta=2, source=src, example_input=torch.randn(1, 3, 64, 64))
+    teacher = load_teacher(conv.pixify_recipe, str(wpath))
+    assert not teacher.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), teacher.state_dict().values()))
+
+
 def test_skipped_random_init_zeroes_the_draws_and_keeps_the_rest():
     from pixify.sources import _random_init_skipped
 
