@@ -21,6 +21,7 @@ concatenations) and answers whether an activation produced it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import math
@@ -44,7 +45,7 @@ NORM_TYPES: tuple[type, ...] = (
     nn.LayerNorm,
     nn.modules.instancenorm._InstanceNorm,
 )
-ACT_TYPES: tuple[type, ...] = (
+_ACT_TYPES: tuple[type, ...] = (  # and timm's: see _act_types()
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh,
 )
@@ -56,7 +57,7 @@ ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "sigmoid_", "tanh_"}
 
 # Modules and functions that keep the channels of their input in place: a layer fed through them is fed
 # by whatever fed them (used to decide whether a layer's input comes from an activation).
-PASS_TYPES: tuple[type, ...] = (
+_PASS_TYPES: tuple[type, ...] = (  # and timm's and torchvision's: see _pass_types()
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d,
     nn.ReflectionPad2d, nn.ReplicationPad2d,
@@ -78,13 +79,21 @@ def _timm_types(names: Iterable[str], module: str) -> tuple[type, ...]:
     return tuple(getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type))
 
 
-ACT_TYPES = ACT_TYPES + _timm_types(
-    ("Swish", "Mish", "HardSwish", "HardSigmoid", "GELU", "GELUTanh", "QuickGELU", "Sigmoid", "Tanh", "PReLU",
-     "HardMish"), "timm.layers.activations") + _timm_types(
-    ("SwishMe", "MishMe", "HardSwishMe", "HardSigmoidMe", "HardMishMe"), "timm.layers.activations_me")
-PASS_TYPES = PASS_TYPES + _timm_types(("DropPath",), "timm.layers.drop") + _timm_types(
-    ("MaxPool2dSame", "AvgPool2dSame"), "timm.layers.pool2d_same") + _timm_types(
-    ("BlurPool2d",), "timm.layers.blur_pool") + _timm_types(("StochasticDepth",), "torchvision.ops")
+# timm's and torchvision's types are looked up on first use, not on import: importing timm imports
+# torchvision, which imports torch._dynamo (about half of `import pixify`, and of `pixify --help`, here).
+@functools.cache
+def _act_types() -> tuple[type, ...]:
+    return _ACT_TYPES + _timm_types(
+        ("Swish", "Mish", "HardSwish", "HardSigmoid", "GELU", "GELUTanh", "QuickGELU", "Sigmoid", "Tanh", "PReLU",
+         "HardMish"), "timm.layers.activations") + _timm_types(
+        ("SwishMe", "MishMe", "HardSwishMe", "HardSigmoidMe", "HardMishMe"), "timm.layers.activations_me")
+
+
+@functools.cache
+def _pass_types() -> tuple[type, ...]:
+    return _PASS_TYPES + _timm_types(("DropPath",), "timm.layers.drop") + _timm_types(
+        ("MaxPool2dSame", "AvgPool2dSame"), "timm.layers.pool2d_same") + _timm_types(
+        ("BlurPool2d",), "timm.layers.blur_pool") + _timm_types(("StochasticDepth",), "torchvision.ops")
 
 # torchvision.ops lists these as leaves for feature extraction, but they are plain containers that trace
 # fine; treating them as leaves would hide the layers inside them (e.g. every EfficientNet convolution).
@@ -157,7 +166,7 @@ class Analysis:
 # --------------------------------------------------------------------------------------------- tracing
 
 def _leaf_types() -> tuple[type, ...]:
-    types: list[type] = [nn.Conv2d, nn.Linear, *NORM_TYPES, *ACT_TYPES]
+    types: list[type] = [nn.Conv2d, nn.Linear, *NORM_TYPES, *_act_types()]
     try:
         from timm.layers import get_notrace_modules
 
@@ -356,7 +365,7 @@ def _is_act_module(m: nn.Module | None) -> bool:
     """An activation module: a known type, or an elementwise one defined elsewhere (StarReLU, ...)."""
     if m is None:
         return False
-    if isinstance(m, ACT_TYPES):
+    if isinstance(m, _act_types()):
         return True
     return type(m).__name__.endswith(_ACT_SUFFIXES) and _scalar_only(m)
 
@@ -388,7 +397,7 @@ def _from_act(node: Any, modules: dict[str, nn.Module], placeholder_act: bool, d
         m = modules.get(node.target)
         if isinstance(m, NORM_TYPES) or type(m).__name__.endswith(("NormAct", "NormAct2d", "Abn")):
             return _norm_ends_with_act(m)
-        if (isinstance(m, PASS_TYPES) or (type(m).__name__ in _PASS_NAMES and _scalar_only(m))) and node.args:
+        if (isinstance(m, _pass_types()) or (type(m).__name__ in _PASS_NAMES and _scalar_only(m))) and node.args:
             return nxt(node.args[0])
         return False
     if node.op == "call_function":

@@ -130,3 +130,13 @@ def test_console_script_real_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pixify.cli", "--debug", "convert", "resnet50", "--zeta", "0"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_help_and_import_do_not_import_timm_or_torchvision():
+    # timm imports torchvision, which imports torch._dynamo: about half of `pixify --help` on this machine.
+    # They are imported where a model is built or analysed, not on import.
+    code = ("import sys; from pixify.cli import main; rc = main(['--help']); "
+            "assert rc == 0, rc; print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]"
