@@ -176,8 +176,8 @@ class _NoRandomInit(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _RANDOM_FILLS:
             t = args[0] if args else kwargs["tensor"]
-            with torch.no_grad():  # zeros, not the allocation's leftovers: arithmetic that init code does
-                return t.zero_()  # next (trunc_normal_'s scaling) ran 20x slower on denormal garbage
+            with torch.no_grad():  # zeros, not the allocation's leftovers: trunc_normal_'s scaling of
+                return t.zero_()  # those (denormal values among them) took 1.2 s for ViT-B/16 here
         return func(*args, **kwargs)
 
 
@@ -244,8 +244,8 @@ def custom_source(model: nn.Module) -> Source:
 def rebuild(source: Source, with_weights: bool = False, init: bool = True) -> nn.Module:
     """A fresh instance of the source architecture; with ``with_weights`` also its original weights.
 
-    ``init=False`` (without ``with_weights``): the parameters are left undrawn, for a caller that loads every
-    one of them strictly next (see :func:`_random_init_skipped`)."""
+    ``init=False`` (without ``with_weights``): zeros where the init would draw at random, for a caller that
+    loads every weight strictly next (see :func:`_random_init_skipped`)."""
     if source.library == "custom":
         raise PixifyError(f"this checkpoint was made from a user module ({source.name})",
                           "pass the freshly built module: pixify.load(path, model=MyModel())")
