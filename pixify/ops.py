@@ -962,10 +962,7 @@ def _compiled_pix(t: Tensor, w: Tensor, tau: float, zeta: int | None = None) -> 
     elif cpu_kernels.available(t, w.dtype, zeta):  # the pooling (ATen), φ with its sigmoid, the hand step
         with torch.no_grad():
             p = torch.sigmoid(F.linear(t.mean(1), w))
-            out = cpu_kernels.fused_interleaved(t, p, zeta, tau)
-        if out is not None:
-            return out
-        return _compiled_pix(t, w, tau, zeta)  # it failed to build: now unavailable, the generated kernel
+        return _compiled_cl(t, p, zeta, tau)  # which uses the generated step if the hand one fails to build
     elif zeta <= _UNROLL_MAX_ZETA:
         kind = f"cl-pix{zeta}"
     else:
