@@ -10,10 +10,9 @@ import difflib
 import hashlib
 import socket
 import urllib.parse
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -172,6 +171,11 @@ _RANDOM_FILLS = frozenset({
 
 
 class _NoRandomInit(TorchFunctionMode):
+    """Inside, building a model fills with zeros what its init would draw at random: for a model whose every
+    weight is loaded strictly right after (a checkpoint, a weights file). Random init was most of what
+    loading took (``pixify.load`` here: VGG-16 2.5 -> 0.5 s, ViT-B/16 1.8 -> 0.4 s, ResNet-50 0.50 ->
+    0.11 s), and the global RNG is left as it was."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         if func in _RANDOM_FILLS:
@@ -181,22 +185,12 @@ class _NoRandomInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextmanager
-def _random_init_skipped() -> Iterator[None]:
-    """Inside, building a model fills with zeros what its init would draw at random: for a model whose every
-    weight is loaded strictly right after (a checkpoint, a weights file). Random init was most of what
-    loading took (``pixify.load`` here: VGG-16 2.5 -> 0.5 s, ViT-B/16 1.8 -> 0.4 s, ResNet-50 0.50 ->
-    0.11 s), and the global RNG is left as it was."""
-    with _NoRandomInit():
-        yield
-
-
 def _build_for_loading(library: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """:func:`_build` without pretrained weights or random init (:func:`_random_init_skipped`): the caller
+    """:func:`_build` without pretrained weights or random init (:class:`_NoRandomInit`): the caller
     loads every parameter and buffer strictly next. Non-persistent buffers are built as usual (they are
     computed, not drawn); a constructor that fails without its random draws is built again normally."""
     try:
-        with _random_init_skipped():
+        with _NoRandomInit():
             return _build(library, name, False, kwargs)
     except PixifyError:
         raise
@@ -245,7 +239,7 @@ def rebuild(source: Source, with_weights: bool = False, init: bool = True) -> nn
     """A fresh instance of the source architecture; with ``with_weights`` also its original weights.
 
     ``init=False`` (without ``with_weights``): zeros where the init would draw at random, for a caller that
-    loads every weight strictly next (see :func:`_random_init_skipped`)."""
+    loads every weight strictly next (see :class:`_NoRandomInit`)."""
     if source.library == "custom":
         raise PixifyError(f"this checkpoint was made from a user module ({source.name})",
                           "pass the freshly built module: pixify.load(path, model=MyModel())")

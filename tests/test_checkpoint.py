@@ -80,9 +80,9 @@ def test_teacher_from_a_weights_file_is_those_weights(tmp_path):
 
 
 def test_skipped_random_init_zeroes_the_draws_and_keeps_the_rest():
-    from pixify.sources import _random_init_skipped
+    from pixify.sources import _NoRandomInit
 
-    with _random_init_skipped():
+    with _NoRandomInit():
         lin = nn.Linear(8, 4)
         t = nn.init.trunc_normal_(torch.empty(5, 5), std=0.02)
         r = torch.empty(3).normal_()
