@@ -203,7 +203,7 @@ def main() -> None:
     print(f"converted: {sites}; MACs ×{report['macs_ratio']:.3f}, params ×{report['params_ratio']:.3f}", flush=True)
 
     # ---- what the fine-tune's initialisation does, measured step by step on the test set
-    from pixify.finetune import refit_from_teacher
+    from pixify.training import refit_from_teacher
 
     g = torch.Generator().manual_seed(0)
     calib = [xtr[i] for i in torch.randperm(len(xtr), generator=g)[:2048].split(128)]

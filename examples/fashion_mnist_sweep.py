@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fashion_mnist_recovery import build_original, load_split, to_tensor  # noqa: E402
 
 import pixify  # noqa: E402
-from pixify.finetune import distillation_loss, refit_from_teacher  # noqa: E402
+from pixify.training import distillation_loss, refit_from_teacher  # noqa: E402
 
 
 @torch.no_grad()

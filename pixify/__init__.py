@@ -6,20 +6,24 @@ Public API::
     report = pixify.inspect(model)                          # dry run
     pixify.save(model, "model.safetensors")                 # weights + recipe, atomic
     model = pixify.load("model.safetensors")                # rebuild, re-apply, load strictly
+    result = pixify.finetune("model.safetensors", "train/") # distil the original back into it
+    metrics = pixify.evaluate(result.checkpoint, "val/")    # top-1/top-5, agreement with the original
 """
 
 __version__ = "0.1.0"
 
 from .checkpoint import load, read_recipe, save  # noqa: E402
 from .conversion import ConversionReport, convert, inspect, recalibrate_batchnorm  # noqa: E402
-from .errors import CheckpointError, PixifyError, RuleError  # noqa: E402
+from .errors import CheckpointError, PixifyError, PixifyWarning, RuleError  # noqa: E402
 from .ops import PiX, pix, pick_or_mix  # noqa: E402
 from .rewrite import PiXBlock  # noqa: E402
 from .rules import Rule, builtin_rules, register_rule  # noqa: E402
 from .sources import Source, create_model  # noqa: E402
+from .training import FinetuneConfig, FinetuneResult, evaluate, finetune  # noqa: E402
 
 __all__ = [
     "__version__", "convert", "inspect", "save", "load", "read_recipe", "create_model", "recalibrate_batchnorm",
     "ConversionReport", "PiX", "PiXBlock", "pix", "pick_or_mix", "Rule", "register_rule", "builtin_rules",
-    "Source", "PixifyError", "RuleError", "CheckpointError",
+    "Source", "PixifyError", "PixifyWarning", "RuleError", "CheckpointError", "finetune", "evaluate",
+    "FinetuneConfig", "FinetuneResult",
 ]

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import CheckpointError, PixifyError
+from .errors import CheckpointError, PixifyError, PixifyWarning
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save", "load", "read_recipe", "atomic_write"]
 
@@ -57,6 +58,14 @@ def save(model: nn.Module, path: str | Path, recipe: dict[str, Any] | None = Non
         raise PixifyError("this model carries no pixify recipe", "save the model returned by pixify.convert")
     from . import __version__
 
+    src = recipe.get("source") or {}
+    if src.get("library") == "custom":
+        warnings.warn(PixifyWarning(
+            f"{Path(path).name} records a user module ({src.get('name')}): pixify.load will need "
+            f"model={src.get('name', 'MyModel').rsplit('.', 1)[-1]}(...)"
+            + (f" because {src['note']}" if src.get("note") else "")
+            + "; to make it self-contained pass source='timm:NAME' or 'torchvision:NAME' (or a pixify.Source) "
+            "to pixify.convert"), stacklevel=2)
     meta = dict(recipe)
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, pixify_version=__version__)
     atomic_write(path, lambda tmp: save_model(model, tmp, metadata={"format": "pt", _META_KEY: json.dumps(meta)}))
@@ -140,6 +149,11 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
     recipe = read_recipe(path)
     source = Source.from_json(recipe["source"])
     if model is None:
+        if source.library == "custom":
+            note = recipe["source"].get("note")
+            raise CheckpointError(f"{Path(path).name} was made from a user module ({source.name})"
+                                  + (f" that pixify could not identify: {note}" if note else ""),
+                                  f"pass a freshly built one: pixify.load(path, model={source.name.rsplit('.', 1)[-1]}(...))")
         model = rebuild(source, init=False)  # every weight is loaded strictly below
     sites = [SiteRecord.from_json(s) for s in recipe["sites"]]
     try:
@@ -154,5 +168,6 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
                               f"({first[-1].strip() if first else 'shape mismatch'})") from None
     recipe.pop("_tensor_names", None)
     model.pixify_recipe = recipe
+    model.pixify_checkpoint = Path(path).resolve()  # where the original's weights file is looked for
     model.eval()
     return model

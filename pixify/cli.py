@@ -42,8 +42,18 @@ def _console(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=width, highlight=False)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"pixify {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
     _STATE["debug"] = _STATE["debug"] or debug
 
 
@@ -109,7 +119,7 @@ def _summary(report) -> list[str]:
         if report.params_before else f"params: {_human(report.params_after)}",
     ]
     if a:
-        lines.append(f"output agreement on {report.agreement_on}: top-1 {a['top1_agreement']:.1%}, "
+        lines.append(f"output agreement on {report.agreement_on}: top-1 {a['top1_agreement']:.1f}%, "
                      f"relative logit error {a['rel_logit_error']:.3f} (before any fine-tuning)")
     return lines
 
@@ -154,6 +164,8 @@ def _checkpoint_report(path: str):
 
 
 _MODEL_HELP = "timm name (resnet50), torchvision:NAME, hf-hub:ORG/NAME (inspect also takes a pixify checkpoint)"
+_KEY_MAP_HELP = ("with --weights: 'positional' maps the file's tensors onto the model's by order, for weights "
+                 "saved by another code base with other key names (every shape is checked)")
 _ZETA_HELP = "sampling factor: 'auto' (ζ = C_in/C_out per site) or an integer >= 1"
 
 
@@ -172,6 +184,7 @@ def convert(
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="start from the published weights"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="original weights (.safetensors or .pth state dict)"),
     model_arg: list[str] = typer.Option([], "--model-arg", help="constructor argument KEY=VALUE; repeatable"),
+    key_map: Optional[str] = typer.Option(None, "--key-map", help=_KEY_MAP_HELP),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the example input"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="also list near-misses"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
@@ -185,7 +198,7 @@ def convert(
 
     check_output_path(out_path)
     converted, report = convert_named(model, zeta, tau, preset, mode, rules, pretrained, weights,
-                                      _parse_kwargs(model_arg), _parse_input_size(input_size))
+                                      _parse_kwargs(model_arg), _parse_input_size(input_size), key_map)
     save(converted, out_path)
     elapsed = time.perf_counter() - t0
     if as_json:
@@ -210,6 +223,7 @@ def inspect(
                                     help="inspect with the published weights (not needed for a dry run)"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="original weights (.safetensors or .pth state dict)"),
     model_arg: list[str] = typer.Option([], "--model-arg", help="constructor argument KEY=VALUE; repeatable"),
+    key_map: Optional[str] = typer.Option(None, "--key-map", help=_KEY_MAP_HELP),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the example input"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
@@ -227,7 +241,7 @@ def inspect(
             _print_report(report, verbose=False)
         return
     _, report = convert_named(model, zeta, tau, preset, mode, rules, pretrained, weights,
-                              _parse_kwargs(model_arg), _parse_input_size(input_size))
+                              _parse_kwargs(model_arg), _parse_input_size(input_size), key_map)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
         return
@@ -471,7 +485,7 @@ def finetune(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Recover accuracy: distil the original model into the converted one (KD + CE, cosine schedule)."""
-    from .finetune import FinetuneConfig, _load_student, finetune as run_finetune
+    from .training import FinetuneConfig, _load_student, finetune as run_finetune
 
     FinetuneConfig(**{k: v for k, v in dict(epochs=epochs, steps=steps, lr=lr, batch_size=batch_size).items()
                       if v is not None}).validate()  # fail fast on --epochs 0 before loading anything
@@ -526,7 +540,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Top-1/top-5 of a checkpoint on a data folder, and its top-1 agreement with the original model."""
-    from .finetune import _load_student, evaluate
+    from .training import _load_student, evaluate
 
     if batch_size < 1:
         raise PixifyError(f"--batch-size must be >= 1, got {batch_size}")

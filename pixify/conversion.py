@@ -23,7 +23,7 @@ from .metrics import _call, _logits, count_macs, count_params, output_agreement
 from .ops import eager_kernels
 from .rewrite import SiteRecord, apply_sites, parse_zeta, plan_sites
 from .rules import Rule, active_rules
-from .sources import Source, custom_source
+from .sources import Source
 
 __all__ = ["ConversionReport", "convert", "convert_named", "inspect", "recalibrate_batchnorm"]
 
@@ -51,6 +51,7 @@ class ConversionReport:
     agreement: dict[str, float] = field(default_factory=dict)
     agreement_on: str = "example input"
     seconds: float = 0.0
+    source_note: str = ""  # why the source could not be verified ("" when it was)
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -80,6 +81,7 @@ class ConversionReport:
             "params_before": self.params_before, "params_after": self.params_after,
             "params_ratio": self.params_ratio, "input_shape": list(self.input_shape),
             "agreement": self.agreement, "agreement_on": self.agreement_on, "seconds": round(self.seconds, 3),
+            "source_note": self.source_note,
         }
 
 
@@ -148,7 +150,7 @@ def inspect(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
 
 def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset: str | None = None,
             mode: str = "squeeze", rules: Iterable[Rule | str | Path] | None = None, example_input: Any = None,
-            calibration: Iterable[Any] | None = None, source: Source | None = None,
+            calibration: Iterable[Any] | None = None, source: Source | str | None = None,
             inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Rewrite ``model``'s squeeze sites into PiX modules.
 
@@ -165,8 +167,13 @@ def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
             sized from ``model.pretrained_cfg``, else 3×224×224).
         calibration: optional iterable of input batches (or ``(input, target)`` pairs): batch-norm
             statistics are re-estimated on it and the output agreement is measured on it.
-        source: how to rebuild the original (set by :func:`pixify.sources.create_model`); recorded in the
-            recipe so that checkpoints can be loaded without the original object.
+        source: how to rebuild the original, recorded in the recipe so that ``pixify.load(path)`` needs
+            nothing but the file. By default it is worked out from the model (timm's ``pretrained_cfg``
+            and constructor arguments, torchvision's builders) and verified by rebuilding the architecture
+            on the meta device: same state-dict keys, shapes and dtypes. A string such as
+            ``"torchvision:resnet50"`` is checked the same way; a :class:`pixify.Source` is taken as it
+            is. A model that cannot be verified is recorded as a user module (``report.source_note`` says
+            why) and loads with ``pixify.load(path, model=...)``.
         inplace: modify ``model`` itself instead of a deep copy.
 
     Returns:
@@ -182,6 +189,9 @@ def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, 
              source: Source | None, inplace: bool) -> tuple[nn.Module, ConversionReport]:
     t0 = time.perf_counter()
     zeta, tau, rule_list, example = _prepare(model, zeta, tau, preset, mode, rules, example_input)
+    from .provenance import source_for
+
+    source, source_note = source_for(model, source)
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -225,14 +235,18 @@ def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, 
     report.params_after = count_params(out)
     model.train(was_training)
     out.train(was_training)
-    out.pixify_recipe = make_recipe(report, source or custom_source(model))
+    report.source_note = source_note
+    out.pixify_recipe = make_recipe(report, source)
     report.seconds = time.perf_counter() - t0
     return out, report
 
 
 def make_recipe(report: ConversionReport, source: Source) -> dict[str, Any]:
+    src = source.to_json()
+    if report.source_note:
+        src["note"] = report.source_note
     return {
-        "source": source.to_json(),
+        "source": src,
         "mode": report.mode,
         "zeta": report.zeta,
         "tau": report.tau,
@@ -271,7 +285,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
 def convert_named(spec: str, zeta: int | str = "auto", tau: Any = 0.5, preset: str | None = None,
                   mode: str = "squeeze", rules: Iterable[Rule | str | Path] | None = None, pretrained: bool = True,
                   weights: str | Path | None = None, kwargs: dict[str, Any] | None = None,
-                  input_size: tuple[int, ...] | None = None) -> tuple[nn.Module, ConversionReport]:
+                  input_size: tuple[int, ...] | None = None, key_map: str | None = None
+                  ) -> tuple[nn.Module, ConversionReport]:
     """Build the model named by ``spec`` (timm name, ``torchvision:NAME``) and convert it in place.
 
     Arguments are validated before the model is built, so a bad ζ fails fast.
@@ -286,7 +301,8 @@ def convert_named(spec: str, zeta: int | str = "auto", tau: Any = 0.5, preset: s
     _check_zeta(zeta)
     _check_tau(tau)
     _rules_for(mode, preset, rules)
-    model, source = create_model(spec, pretrained=pretrained and weights is None, weights=weights, kwargs=kwargs)
+    model, source = create_model(spec, pretrained=pretrained and weights is None, weights=weights, kwargs=kwargs,
+                                 key_map=key_map)
     example = example_input_for(model, input_size=input_size) if input_size else None
     return convert(model, zeta=zeta, tau=tau, preset=preset, mode=mode, rules=rules, example_input=example,
                    source=source, inplace=True)

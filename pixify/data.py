@@ -45,7 +45,7 @@ class DataSource:
         n = f"{self.num_images} images" if self.num_images is not None else "images"
         kind = f"{len(self.classes)} classes" if self.labelled and self.classes else (
             "labelled" if self.labelled else "unlabelled")
-        return f"{self.root}: {n}, {kind}"
+        return f"{Path(self.root).name or self.root}: {n}, {kind}"  # no absolute path in logs
 
 
 def _is_image(name: str) -> bool:

@@ -33,3 +33,7 @@ class RuleError(PixifyError):
 
 class CheckpointError(PixifyError):
     """A checkpoint cannot be read or does not reproduce."""
+
+
+class PixifyWarning(UserWarning):
+    """Something the user should know that does not stop the work (one line)."""

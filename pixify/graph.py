@@ -286,10 +286,22 @@ def _short_reason(exc: BaseException) -> str:
 
 def example_input_for(model: nn.Module, batch_size: int = 1, input_size: tuple[int, ...] | None = None,
                       seed: int = 0) -> torch.Tensor:
-    """A random example input sized from the model's ``pretrained_cfg`` (timm) or 3×224×224."""
+    """A random example input sized from the model's ``pretrained_cfg`` (timm) or 3×224×224, with as many
+    channels as the first convolution takes (timm keeps ``input_size`` at 3 channels for ``in_chans=1``)."""
     if input_size is None:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+        first = cfg.get("first_conv")
+        conv = None
+        if isinstance(first, str):
+            try:
+                conv = model.get_submodule(first)
+            except AttributeError:
+                conv = None
+        else:
+            conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if isinstance(conv, nn.Conv2d) and len(input_size) == 3 and conv.in_channels != input_size[0]:
+            input_size = (conv.in_channels, *input_size[1:])
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32

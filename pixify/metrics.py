@@ -73,7 +73,8 @@ def _logits(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def output_agreement(reference: Iterable[torch.Tensor], converted: Iterable[torch.Tensor]) -> dict[str, float]:
-    """Top-1 agreement and relative logit error (‖a−b‖/‖a‖) between paired output batches."""
+    """Top-1 agreement (in %, like every accuracy pixify reports) and relative logit error (‖a−b‖/‖a‖)
+    between paired output batches."""
     agree = total = 0
     num = den = 0.0
     for a, b in zip(reference, converted):
@@ -84,7 +85,7 @@ def output_agreement(reference: Iterable[torch.Tensor], converted: Iterable[torc
         num += float((a - b).pow(2).sum())
         den += float(a.pow(2).sum())
     return {
-        "top1_agreement": agree / total if total else float("nan"),
+        "top1_agreement": 100.0 * agree / total if total else float("nan"),
         "rel_logit_error": (num ** 0.5) / (den ** 0.5) if den > 0 else float("nan"),
         "samples": float(total),
     }

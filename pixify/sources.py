@@ -12,7 +12,7 @@ import socket
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -31,9 +31,12 @@ class Source:
     library: str  # timm | torchvision | custom
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
-    weights: str = "random"  # pretrained[:tag] | file:PATH | random
-    sha256: str | None = None  # of the weights file, or of the state dict for hub weights
+    weights: str = "random"  # pretrained[:tag] | file:NAME | module | random
+    sha256: str | None = None  # of the weights file, or of the state dict (hub weights, a Python module's)
     seed: int | None = None  # torch seed used for random initialisation
+    pretrained_cfg: dict[str, Any] | None = None  # timm: what describes the model and its preprocessing
+    hub: str | None = None  # timm: the Hugging Face Hub id the model came from (hf-hub:ORG/NAME)
+    key_map: str | None = None  # how the weights file's keys were mapped onto the model's ("positional")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,6 +48,8 @@ class Source:
 
     @property
     def spec(self) -> str:
+        if self.hub:
+            return f"hf-hub:{self.hub}"
         return self.name if self.library == "timm" else f"{self.library}:{self.name}"
 
 
@@ -81,7 +86,7 @@ def state_dict_digest(model: nn.Module) -> str:
         h.update(k.encode())
         t = v.detach().cpu().contiguous()
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -93,7 +98,18 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+_SAFE_CFG_KEYS = ("architecture", "tag", "hf_hub_id", "input_size", "test_input_size", "min_input_size",
+                  "fixed_input_size", "interpolation", "crop_pct", "test_crop_pct", "crop_mode", "mean", "std",
+                  "num_classes", "pool_size", "first_conv", "classifier")
+
+
+def _safe_cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
+    """The entries of a recorded pretrained_cfg that describe the model, never a URL or file to read."""
+    return {k: v for k, v in (cfg or {}).items() if k in _SAFE_CFG_KEYS}
+
+
+def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any],
+           cfg: dict[str, Any] | None = None) -> nn.Module:
     if library == "timm":
         import timm
 
@@ -114,10 +130,11 @@ def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any]) ->
                                   f"({type(exc).__name__})", _OFFLINE_HINT) from None
             finally:
                 hc.HF_HUB_OFFLINE = offline_before
+        extra = {"pretrained_cfg_overlay": _safe_cfg(cfg)} if cfg else {}
         try:
-            return timm.create_model(name, pretrained=False, **kwargs)
-        except TypeError as exc:
-            raise PixifyError(f"cannot build '{name}' with {kwargs}: {exc}") from None
+            return timm.create_model(name, pretrained=False, **extra, **kwargs)
+        except (TypeError, ValueError, AssertionError) as exc:
+            raise PixifyError(f"cannot build '{name}' with {kwargs}: {type(exc).__name__}: {exc}") from None
     if library == "torchvision":
         import torchvision
 
@@ -130,7 +147,10 @@ def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any]) ->
             except (OSError, RuntimeError, ValueError) as exc:
                 raise PixifyError(f"could not fetch pretrained weights for 'torchvision:{name}' "
                                   f"({type(exc).__name__})", _OFFLINE_HINT) from None
-        return torchvision.models.get_model(name, weights=None, **kwargs)
+        try:
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+        except (TypeError, ValueError, AssertionError) as exc:
+            raise PixifyError(f"cannot build 'torchvision:{name}' with {kwargs}: {type(exc).__name__}: {exc}") from None
     raise PixifyError(f"unknown model library '{library}'", "use a timm name or torchvision:NAME")
 
 
@@ -160,6 +180,68 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _few(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return f"{shown}, …" if len(names) > n else shown
+
+
+def mismatch_summary(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """How ``state`` differs from ``model``'s state dict, in one short line: counts and a few names."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing ({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of another shape ({k}: {tuple(state[k].shape)} in the file, "
+                     f"{tuple(own[k].shape)} in the model)")
+    return "; ".join(parts) or "the tensors do not load"
+
+
+KEY_MAPS = ("positional",)
+
+
+def map_keys(model: nn.Module, state: dict[str, torch.Tensor], key_map: str | None, what: str = "the weights"
+             ) -> dict[str, torch.Tensor]:
+    """``state`` with its keys renamed to ``model``'s. ``positional``: the i-th tensor of the file is the
+    i-th of the model (``num_batches_tracked`` counters left out on both sides, the model keeps its own),
+    accepted only when every pair has the same shape; for files from another code base of the same
+    architecture, whose names differ but whose order agrees."""
+    if key_map is None:
+        return state
+    if key_map not in KEY_MAPS:
+        raise PixifyError(f"unknown key map '{key_map}'", f"use one of: {', '.join(KEY_MAPS)}")
+    own = model.state_dict()
+    mine = [k for k in own if not k.endswith("num_batches_tracked")]
+    theirs = [k for k in state if not k.endswith("num_batches_tracked")]
+    if len(mine) != len(theirs):
+        raise PixifyError(f"--key-map positional: {what} hold {len(theirs)} tensors, the model {len(mine)}",
+                          "positional mapping needs the same tensors in the same order")
+    out = {k: v for k, v in own.items() if k.endswith("num_batches_tracked")}
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        if tuple(own[a].shape) != tuple(state[b].shape):
+            raise PixifyError(f"--key-map positional: tensor {i} of {what}, {b} {tuple(state[b].shape)}, does not "
+                              f"fit the model's {a} {tuple(own[a].shape)}",
+                              "positional mapping needs the same tensors in the same order")
+        out[a] = state[b].contiguous()
+    return out
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str, spec: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with a one-line error that summarises the mismatch."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise PixifyError(f"{what} do not fit {spec}: {mismatch_summary(model, state)}",
+                          "check the architecture and --model-arg; --key-map positional maps keys by order "
+                          "when only the names differ") from None
+
+
 # What parameter initialisation is made of: the in-place random fills, trunc_normal_'s transform of its uniform
 # draw, and the torch.nn.init functions that hand themselves to __torch_function__ whole (the others reach the
 # Tensor methods). Inside a mode's handler the mode is off, so a function passed on is not looked into again.
@@ -185,24 +267,48 @@ class _NoRandomInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def build_architecture(library: str, name: str, kwargs: dict[str, Any], cfg: dict[str, Any] | None = None,
+                       no_init: bool = False) -> nn.Module:
+    """The architecture without pretrained weights. ``no_init``: zeros where its init would draw at random
+    (:class:`_NoRandomInit`), for a caller that loads every parameter and buffer strictly next;
+    non-persistent buffers are built as usual (they are computed, not drawn), and a constructor that fails
+    without its random draws is built again normally."""
+    if no_init:
+        try:
+            with _NoRandomInit():
+                return _build(library, name, False, kwargs, cfg)
+        except PixifyError:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. a constructor that checks its drawn weights: build as usual
+            pass
+    return _build(library, name, False, kwargs, cfg)
+
+
 def _build_for_loading(library: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """:func:`_build` without pretrained weights or random init (:class:`_NoRandomInit`): the caller
-    loads every parameter and buffer strictly next. Non-persistent buffers are built as usual (they are
-    computed, not drawn); a constructor that fails without its random draws is built again normally."""
-    try:
-        with _NoRandomInit():
-            return _build(library, name, False, kwargs)
-    except PixifyError:
-        raise
-    except Exception:  # noqa: BLE001 - e.g. a constructor that checks its drawn weights: build as usual
-        return _build(library, name, False, kwargs)
+    return build_architecture(library, name, kwargs, no_init=True)
+
+
+def _hub_source(model: nn.Module, hub_spec: str, kwargs: dict[str, Any]) -> "Source":
+    """What rebuilds a model made from ``hf-hub:ORG/NAME`` without the hub: its timm architecture, the
+    arguments of the hub's config.json together with the user's, and its pretrained_cfg."""
+    from .provenance import _jsonable, pretrained_cfg_subset
+
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    recorded = getattr(model, "_model_args", None)
+    args = dict(recorded) if isinstance(recorded, dict) else dict(kwargs)
+    args.pop("pretrained_model_args", None)
+    return Source("timm", cfg.get("architecture") or hub_spec, _jsonable(args) or dict(kwargs), "pretrained",
+                  state_dict_digest(model), pretrained_cfg=pretrained_cfg_subset(cfg),
+                  hub=hub_spec.split(":", 1)[1])
 
 
 def create_model(spec: str, pretrained: bool = True, weights: str | Path | None = None,
-                 kwargs: dict[str, Any] | None = None, seed: int = 0) -> tuple[nn.Module, Source]:
+                 kwargs: dict[str, Any] | None = None, seed: int = 0,
+                 key_map: str | None = None) -> tuple[nn.Module, Source]:
     """Build the original model named by ``spec`` and describe where it came from.
 
-    With ``weights`` the architecture is built without hub weights and the file is loaded strictly.
+    With ``weights`` the architecture is built without hub weights and the file is loaded strictly
+    (``key_map="positional"`` renames the file's keys to the model's by order, see :func:`map_keys`).
     Random initialisation is seeded (``seed``) so that the same model can be rebuilt as a teacher.
     """
     kwargs = dict(kwargs or {})
@@ -211,12 +317,13 @@ def create_model(spec: str, pretrained: bool = True, weights: str | Path | None 
         state = load_weights_file(weights)
         torch.manual_seed(seed)  # a known RNG state for what follows (the example input), as before
         model = _build_for_loading(library, name, kwargs)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-            raise PixifyError(f"weights {weights} do not fit {spec}: {first}") from None
-        src = Source(library, name, kwargs, f"file:{Path(weights).resolve()}", file_digest(weights))
+        state = map_keys(model, state, key_map, f"weights {Path(weights).name}")
+        load_state_dict_checked(model, state, f"weights {weights}", spec)
+        # the file's name and digest, never the path: a checkpoint must not carry this machine's folders
+        src = Source(library, name, kwargs, f"file:{Path(weights).name}", file_digest(weights), key_map=key_map)
+    elif pretrained and name.startswith("hf-hub:"):
+        model = _build(library, name, True, kwargs)
+        src = _hub_source(model, name, kwargs)
     elif pretrained:
         model = _build(library, name, True, kwargs)
         tag = getattr(model, "pretrained_cfg", {}).get("tag") if library == "timm" else "DEFAULT"
@@ -235,26 +342,47 @@ def custom_source(model: nn.Module) -> Source:
     return Source("custom", f"{cls.__module__}.{cls.__qualname__}", {}, "user", None)
 
 
-def rebuild(source: Source, with_weights: bool = False, init: bool = True) -> nn.Module:
+def find_weights_file(source: Source, near: Sequence[Path] = ()) -> Path:
+    """The original weights file a ``file:NAME`` source names: ``NAME`` in one of the folders ``near``
+    (the checkpoint's own folder, then the one above it), checked against the recorded sha256."""
+    name = source.weights[len("file:"):]
+    candidates = [Path(name)] if Path(name).is_absolute() else [Path(d) / name for d in near]
+    for path in candidates:
+        if path.is_file():
+            if source.sha256 and file_digest(path) != source.sha256:
+                raise PixifyError(f"the original weights {path} are not the ones the model was converted from "
+                                  "(sha256 differs)", "pass the original with --teacher FILE")
+            return path
+    where = ", ".join(str(d) for d in near) or "the checkpoint's folder"
+    raise PixifyError(f"the original weights '{Path(name).name}' (sha256 {str(source.sha256)[:12]}…) are not in "
+                      f"{where}", "pass them with --teacher FILE (Python: teacher=...), or put the file next to "
+                      "the checkpoint")
+
+
+def rebuild(source: Source, with_weights: bool = False, init: bool = True, near: Sequence[Path] = ()) -> nn.Module:
     """A fresh instance of the source architecture; with ``with_weights`` also its original weights.
 
     ``init=False`` (without ``with_weights``): zeros where the init would draw at random, for a caller that
-    loads every weight strictly next (see :class:`_NoRandomInit`)."""
+    loads every weight strictly next (see :class:`_NoRandomInit`). ``near``: the folders in which a
+    ``file:NAME`` source's weights are looked for."""
     if source.library == "custom":
         raise PixifyError(f"this checkpoint was made from a user module ({source.name})",
                           "pass the freshly built module: pixify.load(path, model=MyModel())")
     if not with_weights:
-        if not init:
-            return _build_for_loading(source.library, source.name, source.kwargs)
-        return _build(source.library, source.name, False, source.kwargs)
+        return build_architecture(source.library, source.name, source.kwargs, source.pretrained_cfg,
+                                  no_init=not init)
     if source.weights.startswith("file:"):
-        path = source.weights[5:]
-        model, _ = create_model(source.spec, weights=path, kwargs=source.kwargs)
-        if source.sha256 and file_digest(path) != source.sha256:
-            raise PixifyError(f"the original weights {path} changed since conversion (sha256 differs)")
-        return model
+        path = find_weights_file(source, near)
+        model = build_architecture(source.library, source.name, source.kwargs, source.pretrained_cfg, no_init=True)
+        state = map_keys(model, load_weights_file(path), source.key_map, f"weights {path.name}")
+        load_state_dict_checked(model, state, f"weights {path}", source.spec)
+        return model.eval()
+    if source.weights == "module":
+        raise PixifyError("the original's weights came with a Python model, not from a file or a hub",
+                          "pass the original with --teacher FILE (a state dict) or, in Python, teacher=model")
     if source.weights.startswith("pretrained"):
-        model, _ = create_model(source.spec, pretrained=True, kwargs=source.kwargs)
+        spec = source.spec
+        model, _ = create_model(spec, pretrained=True, kwargs=source.kwargs)
         return model
     model, _ = create_model(source.spec, pretrained=False, kwargs=source.kwargs, seed=source.seed or 0)
     return model

@@ -68,7 +68,7 @@ def test_load_leaves_the_random_state_alone(tmp_path):
 
 
 def test_teacher_from_a_weights_file_is_those_weights(tmp_path):
-    from pixify.finetune import load_teacher
+    from pixify.training import load_teacher
 
     model, src = pixify.create_model("resnet26", pretrained=False, seed=5)
     wpath = tmp_path / "teacher.safetensors"

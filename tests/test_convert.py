@@ -206,6 +206,6 @@ def test_calibration_reestimates_batchnorm_and_measures_agreement():
     calib = [torch.randn(4, 3, 64, 64) for _ in range(2)]
     conv, rep = pixify.convert(m, zeta=2, calibration=calib, example_input=calib[0][:1])
     assert rep.agreement_on == "8 calibration images"
-    assert 0.0 <= rep.agreement["top1_agreement"] <= 1.0 and rep.agreement["rel_logit_error"] >= 0
+    assert 0.0 <= rep.agreement["top1_agreement"] <= 100.0 and rep.agreement["rel_logit_error"] >= 0
     bn = conv.layer1[0].bn1
     assert bn.num_batches_tracked.item() == 2  # re-estimated on exactly the calibration batches

@@ -16,9 +16,9 @@ import torch
 import pixify
 from pixify.cli import main as cli_main
 from pixify.errors import PixifyError
-from pixify.finetune import finetune as run_finetune
+from pixify.training import finetune as run_finetune
 
-ft = sys.modules["pixify.finetune"]  # the module (pixify.finetune may be the function)
+ft = sys.modules["pixify.training"]
 
 # A tiny timm bottleneck ResNet: 4 squeeze sites (64→8 at ζ 8, three more at ζ 2), ~140 k parameters.
 KWARGS = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "num_classes": 3}
@@ -100,7 +100,7 @@ def one_thread():
 def _kd_on(model, teacher, folder: Path) -> float:
     """Mean distillation loss of ``model`` against ``teacher`` over every image of ``folder``."""
     from pixify.data import create_loader, prepare_data, resolve_data_config
-    from pixify.finetune import distillation_loss
+    from pixify.training import distillation_loss
 
     src = prepare_data(folder, check_images=False)
     loader = create_loader(src, resolve_data_config(model), 64, training=False, workers=0)
@@ -126,7 +126,7 @@ def _same_weights(a: Path, b: Path) -> None:
 
 def test_labelled_run_lowers_distillation_loss(world, tmp_path):
     root, ckpt = world
-    from pixify.finetune import load_teacher
+    from pixify.training import load_teacher
 
     teacher = load_teacher(pixify.read_recipe(ckpt))
     before = _kd_on(pixify.load(ckpt), teacher, root / "train")
@@ -149,7 +149,7 @@ def test_labelled_run_lowers_distillation_loss(world, tmp_path):
 
 def test_unlabelled_folder_distils_alone(world, tmp_path):
     root, ckpt = world
-    from pixify.finetune import load_teacher
+    from pixify.training import load_teacher
 
     teacher = load_teacher(pixify.read_recipe(ckpt))
     before = _kd_on(pixify.load(ckpt), teacher, root / "unlabelled")
@@ -181,7 +181,7 @@ def _resnet_args():
 
 def test_refit_reduces_layer_error(world):
     root, ckpt = world
-    from pixify.finetune import load_teacher, refit_from_teacher
+    from pixify.training import load_teacher, refit_from_teacher
 
     student, teacher = pixify.load(ckpt), load_teacher(pixify.read_recipe(ckpt))
     batches = [torch.randn(16, 3, 32, 32).abs() for _ in range(2)]

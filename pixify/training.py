@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -220,13 +221,26 @@ def _load_student(model: nn.Module | str | Path) -> tuple[nn.Module, dict[str, A
     path = Path(model)
     read_recipe(path)  # a one-line CheckpointError for anything that is not a pixify checkpoint
     student = load(path)
-    return student, student.pixify_recipe, str(path)
+    return student, student.pixify_recipe, path.name
 
 
-def load_teacher(recipe: dict[str, Any], teacher: nn.Module | str | Path | None = None) -> nn.Module:
+def _near(model: nn.Module | str | Path) -> list[Path]:
+    """Where the original weights of a checkpoint converted with ``--weights FILE`` are looked for: the
+    checkpoint's folder, then the folder above it (a fine-tuning run's folder sits beside the original)."""
+    if isinstance(model, nn.Module):
+        model = getattr(model, "pixify_checkpoint", None)  # set by pixify.load
+        if model is None:
+            return []
+    folder = Path(model).resolve().parent
+    return [folder, folder.parent]
+
+
+def load_teacher(recipe: dict[str, Any], teacher: nn.Module | str | Path | None = None,
+                 near: Sequence[Path] = ()) -> nn.Module:
     """The original model: ``teacher`` itself, the architecture of the recipe with the weights in the file
-    ``teacher``, or (default) the original rebuilt from the recipe with its recorded weights."""
-    from .sources import Source, load_weights_file, rebuild
+    ``teacher``, or (default) the original rebuilt from the recipe with its recorded weights (a weights
+    file is looked for by its recorded name in the folders ``near``)."""
+    from .sources import Source, load_state_dict_checked, load_weights_file, map_keys, rebuild
 
     if isinstance(teacher, nn.Module):
         return teacher.eval()
@@ -237,14 +251,10 @@ def load_teacher(recipe: dict[str, Any], teacher: nn.Module | str | Path | None 
     if teacher is not None:
         state = load_weights_file(teacher)
         model = rebuild(source, init=False)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            raise PixifyError(f"teacher weights {teacher} do not fit {source.spec}: "
-                              f"{lines[1] if len(lines) > 1 else lines[0] if lines else 'mismatch'}") from None
+        state = map_keys(model, state, source.key_map, f"teacher weights {Path(teacher).name}")
+        load_state_dict_checked(model, state, f"teacher weights {teacher}", source.spec)
         return model.eval()
-    return rebuild(source, with_weights=True).eval()
+    return rebuild(source, with_weights=True, near=near).eval()
 
 
 # ------------------------------------------------------------------------------------- initialisation
@@ -407,7 +417,8 @@ def evaluate(model: nn.Module | str | Path, data: Any, teacher: nn.Module | str 
         _check_classes(source, student)
     else:
         loader, labelled = data, True
-    tmodel = None if teacher is False else load_teacher(recipe, teacher if teacher is not True else None)
+    tmodel = None if teacher is False else load_teacher(recipe, teacher if teacher is not True else None,
+                                                          _near(model))
     student = student.to(device).eval()
     if tmodel is not None:
         tmodel = tmodel.to(device).eval()
@@ -708,7 +719,8 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
         # the run was interrupted before its first checkpoint: start it again from the beginning
         resume, fresh_log = False, True
         if _rank() == 0:
-            print(f"pixify: {out} has no checkpoint yet; starting the run from the beginning", flush=True)
+            print(f"pixify: {out} has no checkpoint yet; starting the run from the beginning", file=sys.stderr,
+                  flush=True)
     if resume:
         state_tensors, state_meta = _read_state(state_path)
         saved = FinetuneConfig.from_json(state_meta["config"])
@@ -716,7 +728,7 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
                                                                                           "log_every")]
         if differ and _rank() == 0:
             print(f"pixify: resuming with the interrupted run's settings; ignoring {', '.join(sorted(differ))}",
-                  flush=True)
+                  file=sys.stderr, flush=True)
         cfg = FinetuneConfig.from_json({**saved.to_json(), **{k: explicit[k] for k in ("workers", "check_images")
                                                                if k in explicit}})
     elif state_path.exists() or ckpt_path.exists():
@@ -736,7 +748,7 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
         val_source = val_data if isinstance(val_data, DataSource) else prepare_data(
             val_data, split="val", check_images=check, workers=max(2, cfg.workers), what="--val-data")
     _check_classes(source, student)
-    tmodel = load_teacher(recipe, teacher)
+    tmodel = load_teacher(recipe, teacher, _near(model))
     dcfg = data_config or resolve_data_config(student)
     if not out.parent.exists():
         raise PixifyError(f"the parent folder of --out {out} does not exist")
@@ -796,14 +808,14 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
         init_info = dict(state_meta.get("init", {}))
         if state_meta.get("world_size", 1) != world and rank == 0:
             print(f"pixify: the interrupted run used {state_meta.get('world_size')} processes, this one {world}: "
-                  "the data order differs from an uninterrupted run", flush=True)
+                  "the data order differs from an uninterrupted run", file=sys.stderr, flush=True)
         if rank == 0:
             _truncate_log(log_path, step)
     else:
         if rank == 0:
             _append_log(log_path, {"event": "start", "model": model_name, "data": source.describe(),
                                    "labelled": source.labelled, "val_data": val_source.describe() if val_source else None,
-                                   "teacher": str(teacher) if isinstance(teacher, (str, Path)) else
+                                   "teacher": Path(teacher).name if isinstance(teacher, (str, Path)) else
                                    ("module" if isinstance(teacher, nn.Module) else recipe["source"].get("weights")),
                                    "world_size": world, "device": str(dev), "steps": total_steps,
                                    "steps_per_epoch": steps_per_epoch, "config": cfg.to_json(),
@@ -818,7 +830,7 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
 
     if start_epoch >= n_epochs:
         if rank == 0:
-            print(f"pixify: the run in {out} is already complete ({step} steps)", flush=True)
+            print(f"pixify: the run in {out} is already complete ({step} steps)", file=sys.stderr, flush=True)
     train_model: nn.Module = student
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -929,14 +941,14 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
                 try:
                     plot_log(log_path, png_path)
                 except Exception as exc:  # a plot must never lose a run
-                    print(f"pixify: could not draw {png_path}: {exc}", flush=True)
+                    print(f"pixify: could not draw {png_path}: {exc}", file=sys.stderr, flush=True)
                 if progress:
                     msg = f"epoch {epoch + 1}/{n_epochs}: loss {record['loss']:.4f}"
                     if "val_top1" in record:
                         msg += f", val top-1 {record['val_top1']:.2f}%"
                     if "val_agreement" in record:
                         msg += f", agreement {record['val_agreement']:.2f}%"
-                    print(msg, flush=True)
+                    print(msg, file=sys.stderr, flush=True)
             if distributed:
                 import torch.distributed as dist
 
@@ -972,13 +984,13 @@ def _initialise(student: nn.Module, teacher: nn.Module, loader: Iterable, cfg: F
             break
     info: dict[str, Any] = {"calib_images": n}
     before = _agreement(student, teacher, batches)
-    info["calib_agreement_converted"] = 100.0 * before["top1_agreement"]
+    info["calib_agreement_converted"] = before["top1_agreement"]
     if cfg.init == "lsq":
         info["refit"] = refit_from_teacher(student, teacher, batches)
     bns = recalibrate_batchnorm(student, batches)
     info["batchnorms"] = bns
     after = _agreement(student, teacher, batches)
-    info["calib_agreement"] = 100.0 * after["top1_agreement"]
+    info["calib_agreement"] = after["top1_agreement"]
     info["calib_rel_logit_error"] = after["rel_logit_error"]
     info["seconds"] = round(time.perf_counter() - t0, 2)
     return info
