@@ -49,8 +49,12 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
-def save(model: nn.Module, path: str | Path, recipe: dict[str, Any] | None = None) -> Path:
-    """Write ``model``'s weights and ``recipe`` (default: ``model.pixify_recipe``) to ``path`` atomically."""
+def save(model: nn.Module, path: str | Path, recipe: dict[str, Any] | None = None, *,
+         warn_unverified: bool = True) -> Path:
+    """Write ``model``'s weights and ``recipe`` (default: ``model.pixify_recipe``) to ``path`` atomically.
+
+    A recipe whose source is a user module (one that pixify could not verify) warns, in one line, that
+    ``pixify.load`` will need ``model=`` (``warn_unverified=False`` keeps quiet)."""
     from safetensors.torch import save_model
 
     recipe = recipe if recipe is not None else getattr(model, "pixify_recipe", None)
@@ -59,7 +63,7 @@ def save(model: nn.Module, path: str | Path, recipe: dict[str, Any] | None = Non
     from . import __version__
 
     src = recipe.get("source") or {}
-    if src.get("library") == "custom":
+    if src.get("library") == "custom" and warn_unverified:
         warnings.warn(PixifyWarning(
             f"{Path(path).name} records a user module ({src.get('name')}): pixify.load will need "
             f"model={src.get('name', 'MyModel').rsplit('.', 1)[-1]}(...)"

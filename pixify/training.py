@@ -926,7 +926,7 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
                 student_recipe["finetune"] = summary
                 from .checkpoint import save
 
-                save(student, ckpt_path, recipe=student_recipe)
+                save(student, ckpt_path, recipe=student_recipe, warn_unverified=False)
                 last_good = ckpt_path
                 _write_state(state_path, student, opt, {
                     "epoch": epoch + 1, "step": step, "total_steps": total_steps, "config": cfg.to_json(),
