@@ -39,7 +39,11 @@ class Source:
     key_map: str | None = None  # how the weights file's keys were mapped onto the model's ("positional")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for key in ("pretrained_cfg", "hub", "key_map"):  # optional: left out when unset
+            if data[key] is None:
+                del data[key]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Source":
@@ -321,6 +325,7 @@ def create_model(spec: str, pretrained: bool = True, weights: str | Path | None 
         load_state_dict_checked(model, state, f"weights {weights}", spec)
         # the file's name and digest, never the path: a checkpoint must not carry this machine's folders
         src = Source(library, name, kwargs, f"file:{Path(weights).name}", file_digest(weights), key_map=key_map)
+        model.pixify_weights_file = Path(weights).resolve()  # in memory only: where a teacher is found again
     elif pretrained and name.startswith("hf-hub:"):
         model = _build(library, name, True, kwargs)
         src = _hub_source(model, name, kwargs)

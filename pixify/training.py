@@ -226,8 +226,12 @@ def _load_student(model: nn.Module | str | Path) -> tuple[nn.Module, dict[str, A
 
 def _near(model: nn.Module | str | Path) -> list[Path]:
     """Where the original weights of a checkpoint converted with ``--weights FILE`` are looked for: the
-    checkpoint's folder, then the folder above it (a fine-tuning run's folder sits beside the original)."""
+    checkpoint's folder, then the folder above it (a fine-tuning run's folder sits beside the original);
+    for a model converted in this process, the folder the weights were read from."""
     if isinstance(model, nn.Module):
+        found = getattr(model, "pixify_weights_file", None)  # set by pixify.create_model(weights=...)
+        if found is not None:
+            return [Path(found).parent]
         model = getattr(model, "pixify_checkpoint", None)  # set by pixify.load
         if model is None:
             return []

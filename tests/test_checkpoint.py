@@ -98,7 +98,7 @@ def test_a_constructor_that_fails_without_its_draws_is_built_normally(monkeypatc
 
     calls = []
 
-    def build(library, name, pretrained, kwargs):
+    def build(library, name, pretrained, kwargs, cfg=None):
         calls.append(torch._C._is_torch_function_mode_enabled())
         if calls[-1]:
             raise RuntimeError("this constructor checks its random weights")
@@ -138,7 +138,7 @@ def test_weights_file_is_recorded_with_its_sha256(tmp_path):
     wpath = tmp_path / "orig.pth"
     torch.save(model.state_dict(), wpath)
     again, src = pixify.create_model("resnet26", weights=wpath)
-    assert src.weights == f"file:{wpath.resolve()}" and len(src.sha256) == 64
+    assert src.weights == "file:orig.pth" and len(src.sha256) == 64  # the name, never the machine's path
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     # a pickled object (not a plain state dict) is refused, nothing is unpickled
     bad = tmp_path / "obj.pth"

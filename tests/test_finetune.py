@@ -128,7 +128,7 @@ def test_labelled_run_lowers_distillation_loss(world, tmp_path):
     root, ckpt = world
     from pixify.training import load_teacher
 
-    teacher = load_teacher(pixify.read_recipe(ckpt))
+    teacher = load_teacher(pixify.read_recipe(ckpt), near=[ckpt.parent])
     before = _kd_on(pixify.load(ckpt), teacher, root / "train")
     res = run_finetune(str(ckpt), root / "train", val_data=root / "val", out=tmp_path / "run", epochs=3,
                           batch_size=8, lr=0.05, workers=0, calib_images=16, log_every=1, progress=False)
@@ -151,7 +151,7 @@ def test_unlabelled_folder_distils_alone(world, tmp_path):
     root, ckpt = world
     from pixify.training import load_teacher
 
-    teacher = load_teacher(pixify.read_recipe(ckpt))
+    teacher = load_teacher(pixify.read_recipe(ckpt), near=[ckpt.parent])
     before = _kd_on(pixify.load(ckpt), teacher, root / "unlabelled")
     res = run_finetune(pixify.load(ckpt), root / "unlabelled", out=tmp_path / "run", epochs=3, batch_size=8,
                           lr=0.05, workers=0, calib_images=16, progress=False)
@@ -183,7 +183,7 @@ def test_refit_reduces_layer_error(world):
     root, ckpt = world
     from pixify.training import load_teacher, refit_from_teacher
 
-    student, teacher = pixify.load(ckpt), load_teacher(pixify.read_recipe(ckpt))
+    student, teacher = pixify.load(ckpt), load_teacher(pixify.read_recipe(ckpt), near=[ckpt.parent])
     batches = [torch.randn(16, 3, 32, 32).abs() for _ in range(2)]
     recs = [r for r in refit_from_teacher(student, teacher, batches) if r["refit"]]
     assert len(recs) >= 3
@@ -340,3 +340,29 @@ def test_existing_run_is_not_overwritten(world, tmp_path):
                         progress=False)
     with pytest.raises(PixifyError, match="nothing to resume"):
         run_finetune(str(ckpt), root / "train", out=tmp_path / "other", resume=True, workers=0, progress=False)
+
+
+def test_every_command_prints_one_json_document(world, tmp_path, capsys):
+    """``--json`` is exactly one JSON document on stdout, on every command and code path (resume included);
+    messages go to stderr."""
+    root, ckpt = world
+    common = ["--data", str(root / "train"), "--out", str(tmp_path / "run"), "--steps", "2", *FAST]
+    runs = [
+        ["convert", "resnet50", *[f"--model-arg={k}={json.dumps(v)}" for k, v in KWARGS.items()], "--no-pretrained",
+         "--input-size", "3,32,32", "-o", str(tmp_path / "c.safetensors"), "--json"],
+        ["inspect", "resnet50", "--zeta", "2", "--json"],
+        ["inspect", str(ckpt), "--json"],
+        ["rules", "--json"],
+        ["finetune", str(ckpt), *common, "--json"],
+        ["finetune", str(ckpt), *common, "--resume", "--json"],  # already complete
+        ["finetune", str(ckpt), *common, "--resume", "--lr", "0.3", "--json"],  # settings ignored: a message
+        ["eval", str(ckpt), "--data", str(root / "val"), "--workers", "0", "--no-check-images", "--json"],
+    ]
+    for args in runs:
+        capsys.readouterr()
+        assert cli_main(args) == 0, args
+        out, err = capsys.readouterr()
+        doc = json.loads(out)  # raises on a second document or any stray line
+        assert isinstance(doc, (dict, list)), args
+        if "--resume" in args and "--lr" in args:
+            assert "ignoring lr" in err
