@@ -383,7 +383,18 @@ def rebuild(source: Source, with_weights: bool = False, init: bool = True, near:
         load_state_dict_checked(model, state, f"weights {path}", source.spec)
         return model.eval()
     if source.weights == "module":
-        raise PixifyError("the original's weights came with a Python model, not from a file or a hub",
+        # the weights came with a Python model: when they are the library's published ones (the usual
+        # timm.create_model(name, pretrained=True)), fetching those again and matching the digest finds them
+        tag = (source.pretrained_cfg or {}).get("tag")
+        spec = source.spec if source.hub or not tag or "." in source.name else f"{source.spec}.{tag}"
+        try:
+            model, again = create_model(spec, pretrained=True, kwargs=source.kwargs)
+        except PixifyError:
+            model, again = None, None
+        if model is not None and source.sha256 and again.sha256 == source.sha256:
+            return model
+        raise PixifyError("the original's weights came with a Python model and are not the published ones "
+                          "(or those cannot be fetched here)",
                           "pass the original with --teacher FILE (a state dict) or, in Python, teacher=model")
     if source.weights.startswith("pretrained"):
         spec = source.spec
