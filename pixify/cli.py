@@ -118,6 +118,16 @@ def _summary(report) -> list[str]:
         f"params: {_human(report.params_before)} → {_human(report.params_after)}  (×{report.params_ratio:.3f})"
         if report.params_before else f"params: {_human(report.params_after)}",
     ]
+    sel = report.selection or {}
+    if sel.get("budget"):
+        b = ", ".join(f"{k}={v:g}" for k, v in sel["budget"].items())
+        lines.append(f"budget {b}: {len(sel.get('chosen', []))} sites chosen, checked together: agreement "
+                     f"{sel.get('agreement', float('nan')):.1f}%, MACs ×{sel.get('macs_ratio') or 1:.3f}")
+    if report.init:
+        i = report.init
+        lines.append(f"initialisation: fitted to the original on {i['fit_images']} images in {i['seconds']:.1f} s; "
+                     f"held-out agreement {i['agreement_before']:.1f}% as converted → {i['agreement_after']:.1f}% "
+                     f"fitted; kept: {i['kept']}")
     if a:
         lines.append(f"output agreement on {report.agreement_on}: top-1 {a['top1_agreement']:.1f}%, "
                      f"relative logit error {a['rel_logit_error']:.3f} (before any fine-tuning)")
@@ -134,6 +144,22 @@ def _print_report(report, verbose: bool) -> None:
             t.add_column(col, overflow="fold")
         for n in report.near_misses:
             t.add_row(n.name, n.rule, n.reason)
+        con.print(t)
+    costs = (report.selection or {}).get("costs")
+    if costs:
+        chosen = set((report.selection or {}).get("chosen", []))
+        t = Table(title=f"per-site cost, each alone, fitted, on {report.selection.get('held_out_images', '?')} "
+                        "held-out images" if not chosen and "budget" not in report.selection else
+                        "per-site cost, each alone, fitted, on the held-out images", title_justify="left")
+        for col, kw in (("site", {}), ("action", {}), ("ζ", {"justify": "right"}), ("MACs saved", {"justify": "right"}),
+                        ("agreement %", {"justify": "right"}), ("logit error", {"justify": "right"}),
+                        ("fit error", {"justify": "right"})):
+            t.add_column(col, **kw)
+        for c in costs:
+            mark = " ✓" if any(s.name == c["name"] and s.action == c["action"] and s.zeta == c["zeta"]
+                               for s in report.sites) and c["name"] in chosen else ""
+            t.add_row(c["name"] + mark, c["action"], str(c["zeta"]), _human(c["macs_saved"]), f"{c['agreement']:.1f}",
+                      f"{c['rel_logit_error']:.3f}", "-" if c.get("fit_error") is None else f"{c['fit_error']:.3f}")
         con.print(t)
     if report.untraced:
         t = Table(title="parts not analysed", title_justify="left")
@@ -164,6 +190,59 @@ def _checkpoint_report(path: str):
 
 
 _MODEL_HELP = "timm name (resnet50), torchvision:NAME, hf-hub:ORG/NAME (inspect also takes a pixify checkpoint)"
+_DATA_HELP = "a folder of real images (class folders or flat; labels are not needed)"
+_BUDGET_HELP = ("with --data: choose the sites within agreement=PERCENT (least top-1 agreement with the original "
+                "on held-out images) or macs=RATIO (largest MACs ratio)")
+
+
+class _quiet_warnings:
+    """Python warnings of pixify's own stay quiet in the CLI, which prints the report's warning itself."""
+
+    def __enter__(self):
+        import warnings
+
+        from .errors import PixifyWarning
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("ignore", PixifyWarning)
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
+
+
+class _progress:
+    """A rich progress bar on stderr, called as ``bar(done, total)``; nothing when disabled."""
+
+    def __init__(self, enabled: bool, what: str):
+        self.enabled, self.what, self.bar, self.task = enabled, what, None, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.bar.start()
+        return self
+
+    def __call__(self, done: int, total: int, what: str | None = None) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task(what or self.what, total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
+def _preprocessing(mean, std, crop_pct, interpolation) -> dict:
+    return {"mean": _floats(mean, "--mean"), "std": _floats(std, "--std"), "crop_pct": crop_pct,
+            "interpolation": interpolation}
+
+
 _KEY_MAP_HELP = ("with --weights: 'positional' maps the file's tensors onto the model's by order, for weights "
                  "saved by another code base with other key names (every shape is checked)")
 _ZETA_HELP = "sampling factor: 'auto' (ζ = C_in/C_out per site) or an integer >= 1"
@@ -186,10 +265,17 @@ def convert(
     model_arg: list[str] = typer.Option([], "--model-arg", help="constructor argument KEY=VALUE; repeatable"),
     key_map: Optional[str] = typer.Option(None, "--key-map", help=_KEY_MAP_HELP),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the example input"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=_DATA_HELP),
+    calib_images: int = typer.Option(512, "--calib-images", help="images of --data to use"),
+    budget: Optional[str] = typer.Option(None, "--budget", help=_BUDGET_HELP),
+    mean: Optional[str] = typer.Option(None, "--mean", help="normalisation mean [default: pretrained_cfg]; remembered"),
+    std: Optional[str] = typer.Option(None, "--std", help="normalisation std [default: pretrained_cfg]; remembered"),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="centre-crop fraction; remembered"),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="bilinear | bicubic ...; remembered"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="also list near-misses"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Convert MODEL and write a pixify checkpoint."""
+    """Convert MODEL and write a pixify checkpoint (with --data: fitted to the original on real images)."""
     from .conversion import convert_named
 
     t0 = time.perf_counter()
@@ -197,8 +283,12 @@ def convert(
     from .checkpoint import check_output_path, save
 
     check_output_path(out_path)
-    converted, report = convert_named(model, zeta, tau, preset, mode, rules, pretrained, weights,
-                                      _parse_kwargs(model_arg), _parse_input_size(input_size), key_map)
+    with _quiet_warnings(), _progress(not as_json and data is not None, "measuring sites" if budget else
+                                      "fitting") as bar:
+        converted, report = convert_named(
+            model, zeta, tau, preset, mode, rules, pretrained, weights, _parse_kwargs(model_arg),
+            _parse_input_size(input_size), key_map, data=data, calib_images=calib_images, budget=budget,
+            preprocessing=_preprocessing(mean, std, crop_pct, interpolation), progress=bar)
     save(converted, out_path)
     elapsed = time.perf_counter() - t0
     if as_json:
@@ -208,6 +298,8 @@ def convert(
         return
     _print_report(report, verbose)
     _console().print(f"wrote {out_path} in {elapsed:.2f} s")
+    if report.warning:
+        _console(stderr=True).print(f"[bold red]warning:[/bold red] {report.warning}")
 
 
 @app.command(epilog="Example: pixify inspect resnet50 --zeta 2 --no-pretrained")
@@ -225,11 +317,19 @@ def inspect(
     model_arg: list[str] = typer.Option([], "--model-arg", help="constructor argument KEY=VALUE; repeatable"),
     key_map: Optional[str] = typer.Option(None, "--key-map", help=_KEY_MAP_HELP),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W of the example input"),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=_DATA_HELP + "; measures every site alone"),
+    calib_images: int = typer.Option(512, "--calib-images", help="images of --data to use"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="normalisation mean [default: pretrained_cfg]"),
+    std: Optional[str] = typer.Option(None, "--std", help="normalisation std [default: pretrained_cfg]"),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="centre-crop fraction"),
+    interpolation: Optional[str] = typer.Option(None, "--interpolation", help="bilinear | bicubic ..."),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Dry run: every site, every near-miss with its reason, MACs and params before/after.
 
-    Given a pixify checkpoint instead of a model name, shows the sites its recipe rewrote.
+    With --data, also every site's cost measured alone on real images: MACs saved, top-1 agreement and
+    logit error against the original. Given a pixify checkpoint instead of a model name, shows the sites
+    its recipe rewrote.
     """
     from .conversion import convert_named
 
@@ -240,8 +340,12 @@ def inspect(
         else:
             _print_report(report, verbose=False)
         return
-    _, report = convert_named(model, zeta, tau, preset, mode, rules, pretrained, weights,
-                              _parse_kwargs(model_arg), _parse_input_size(input_size), key_map)
+    with _quiet_warnings(), _progress(not as_json and data is not None, "measuring sites") as bar:
+        _, report = convert_named(model, zeta, tau, preset, mode, rules, pretrained, weights,
+                                  _parse_kwargs(model_arg), _parse_input_size(input_size), key_map, data=data,
+                                  calib_images=calib_images, preprocessing=_preprocessing(mean, std, crop_pct,
+                                                                                          interpolation),
+                                  dry_run=True, progress=bar)
     if as_json:
         print(json.dumps(report.to_json(), indent=2))
         return
@@ -516,8 +620,9 @@ def finetune(
     con.print(t)
     if result.init:
         i = result.init
-        con.print(f"initialisation on {i.get('calib_images')} images: agreement with the teacher "
-                  f"{i.get('calib_agreement_converted', float('nan')):.1f}% → {i.get('calib_agreement', float('nan')):.1f}%")
+        con.print(f"initialisation on {i.get('calib_images')} images: held-out agreement with the teacher "
+                  f"{i.get('calib_agreement_converted', float('nan')):.1f}% → {i.get('calib_agreement', float('nan')):.1f}%"
+                  f" (kept: {i.get('kept', '-')}, {i.get('seconds', 0):.1f} s)")
     con.print(f"wrote {result.checkpoint}, {result.out / 'log.jsonl'}, {result.out / 'curves.png'} "
               f"in {result.seconds:.1f} s")
 

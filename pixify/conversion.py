@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -52,6 +52,9 @@ class ConversionReport:
     agreement_on: str = "example input"
     seconds: float = 0.0
     source_note: str = ""  # why the source could not be verified ("" when it was)
+    init: dict[str, Any] = field(default_factory=dict)  # the fitted initialisation (with calibration data)
+    selection: dict[str, Any] = field(default_factory=dict)  # the budget, per-site costs, what was chosen
+    warning: str = ""  # e.g. the converted model's outputs collapse
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -81,7 +84,8 @@ class ConversionReport:
             "params_before": self.params_before, "params_after": self.params_after,
             "params_ratio": self.params_ratio, "input_shape": list(self.input_shape),
             "agreement": self.agreement, "agreement_on": self.agreement_on, "seconds": round(self.seconds, 3),
-            "source_note": self.source_note,
+            "source_note": self.source_note, "init": self.init, "selection": self.selection,
+            "warning": self.warning,
         }
 
 
@@ -138,20 +142,37 @@ def _report_base(model, source, mode, zeta, tau, preset, rule_list, analysis: An
 
 def inspect(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset: str | None = None,
             mode: str = "squeeze", rules: Iterable[Rule | str | Path] | None = None,
-            example_input: Any = None, source: Source | None = None) -> ConversionReport:
+            example_input: Any = None, source: Source | None = None, calibration: Iterable[Any] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> ConversionReport:
     """Dry run: every site with its decision and every near-miss, plus MACs/params before and after.
 
-    The model is not modified (the after-numbers are measured on a converted copy).
+    The model is not modified (the after-numbers are measured on a converted copy). With ``calibration``
+    (input batches of real images) every way of converting each site is also measured alone: converted,
+    fitted to the original on three quarters of the images, and compared with the original on the held-out
+    quarter (``report.selection["costs"]``: MACs saved, top-1 agreement, logit error).
     """
     _, report = convert(model, zeta=zeta, tau=tau, preset=preset, mode=mode, rules=rules,
                         example_input=example_input, source=source, inplace=False)
+    if calibration is not None:
+        from .recovery import site_costs, site_options, split_batches
+
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
+        if not batches:
+            raise PixifyError("the calibration data is empty")
+        fit, held = split_batches(batches)
+        was = model.training
+        costs = site_costs(model.eval(), site_options(report.sites), fit, held, progress=progress)
+        model.train(was)
+        report.selection = {"costs": [c.to_json() for c in costs], "fit_images": sum(len(b) for b in fit),
+                            "held_out_images": sum(len(b) for b in held)}
     return report
 
 
 def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset: str | None = None,
             mode: str = "squeeze", rules: Iterable[Rule | str | Path] | None = None, example_input: Any = None,
             calibration: Iterable[Any] | None = None, source: Source | str | None = None,
-            inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
+            inplace: bool = False, budget: Any = None,
+            progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, ConversionReport]:
     """Rewrite ``model``'s squeeze sites into PiX modules.
 
     Args:
@@ -165,8 +186,10 @@ def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
         rules: extra :class:`Rule` objects or rules files (TOML) besides the built-in ones.
         example_input: input used for shape propagation and measurements (default: a random batch of one
             sized from ``model.pretrained_cfg``, else 3×224×224).
-        calibration: optional iterable of input batches (or ``(input, target)`` pairs): batch-norm
-            statistics are re-estimated on it and the output agreement is measured on it.
+        calibration: input batches of real images (or ``(input, target)`` pairs). Three quarters fit every
+            site to the original (:mod:`pixify.recovery`: pure sites keep their norm as a fitted affine
+            map, hybrid and prune layers are refitted by least squares); the fit is kept only if it agrees
+            better with the original on the held-out quarter, where the report's agreement is measured.
         source: how to rebuild the original, recorded in the recipe so that ``pixify.load(path)`` needs
             nothing but the file. By default it is worked out from the model (timm's ``pretrained_cfg``
             and constructor arguments, torchvision's builders) and verified by rebuilding the architecture
@@ -175,18 +198,30 @@ def convert(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
             is. A model that cannot be verified is recorded as a user module (``report.source_note`` says
             why) and loads with ``pixify.load(path, model=...)``.
         inplace: modify ``model`` itself instead of a deep copy.
+        budget: with ``calibration``: ``"agreement=99"`` (the least top-1 agreement, %, with the original on
+            the held-out images) or ``"macs=0.8"`` (the largest MACs ratio). Every way of converting each
+            site is measured alone, the sites that save the most MACs for their cost are chosen, and the
+            combined model is checked (``report.selection``).
+        progress: ``progress(done, total)`` while sites are measured or fitted.
 
     Returns:
         ``(converted_model, report)``; the converted model carries its recipe as ``.pixify_recipe``.
     """
+    from .recovery import parse_budget
+
+    budget = parse_budget(budget)
+    if budget is not None and calibration is None:
+        raise PixifyError("a budget needs calibration data", "pass calibration= (Python) or --data DIR (CLI)")
     # a handful of forward passes: compiling the generated PiX kernel would cost more than it saves
     with eager_kernels():
-        return _convert(model, zeta, tau, preset, mode, rules, example_input, calibration, source, inplace)
+        return _convert(model, zeta, tau, preset, mode, rules, example_input, calibration, source, inplace,
+                        budget, progress)
 
 
 def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, mode: str,
              rules: Iterable[Rule | str | Path] | None, example_input: Any, calibration: Iterable[Any] | None,
-             source: Source | None, inplace: bool) -> tuple[nn.Module, ConversionReport]:
+             source: Source | None, inplace: bool, budget: Any = None,
+             progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, ConversionReport]:
     t0 = time.perf_counter()
     zeta, tau, rule_list, example = _prepare(model, zeta, tau, preset, mode, rules, example_input)
     from .provenance import source_for
@@ -207,6 +242,27 @@ def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, 
     report.sites = plan_sites(analysis.candidates, zeta, tau)
     report.macs_before, report.params_before = macs_before, params_before
 
+    fit = held = None
+    teacher = model
+    if calibration is not None:
+        from .recovery import keep_norm, split_batches
+
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
+        if not batches:
+            raise PixifyError("the calibration data is empty")
+        try:
+            fit, held = split_batches(batches)
+        except RuntimeError as exc:
+            raise PixifyError(f"calibration batches do not stack: {exc}".splitlines()[0]) from None
+        if tuple(fit[0].shape[1:]) != tuple(example.shape[1:]):
+            raise PixifyError(f"calibration images are {tuple(fit[0].shape[1:])}, the model's example input is "
+                              f"{tuple(example.shape[1:])}", "use the model's input size")
+        if inplace:
+            teacher = copy.deepcopy(model)  # the fits need the original
+        if budget is not None:
+            report.sites, report.selection = _select(teacher, report.sites, budget, fit, held, macs_before, progress)
+        report.sites = keep_norm(report.sites)  # a pure site's norm holds the fitted affine map
+
     out = model if inplace else copy.deepcopy(model)
     apply_sites(out, report.sites)
     out.eval()
@@ -220,17 +276,18 @@ def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, 
     if ref_shape != new_shape:
         raise RuntimeError(f"converted model output {new_shape} differs from the original's {ref_shape}")
 
-    if calibration is not None:
-        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
-        if not batches:
-            raise PixifyError("the calibration data is empty")
-        recalibrate_batchnorm(out, batches)
+    if fit is not None:
+        from .recovery import initialise
+
+        report.init = initialise(out, teacher, report.sites, fit, held, progress=progress)
+        report.agreement = report.init.pop("final")
+        report.agreement_on = f"{report.init['held_out_images']} held-out calibration images"
         out.eval()
         with torch.no_grad():
-            report.agreement = output_agreement((_call(model, b) for b in batches), (_call(out, b) for b in batches))
-        report.agreement_on = f"{sum(len(b) for b in batches)} calibration images"
+            new_out = _call(out, example)
     else:
         report.agreement = output_agreement([ref_out], [new_out])
+        report.warning = _collapse_warning(model, out, example)
     report.macs_after = macs_after
     report.params_after = count_params(out)
     model.train(was_training)
@@ -238,7 +295,86 @@ def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, 
     report.source_note = source_note
     out.pixify_recipe = make_recipe(report, source)
     report.seconds = time.perf_counter() - t0
+    if report.warning:
+        import warnings
+
+        from .errors import PixifyWarning
+
+        warnings.warn(PixifyWarning(report.warning), stacklevel=3)
     return out, report
+
+
+def _select(teacher: nn.Module, sites: list[SiteRecord], budget: Any, fit: list, held: list, macs_before: int,
+            progress: Callable[[int, int], None] | None) -> tuple[list[SiteRecord], dict[str, Any]]:
+    """Measure every option alone, choose within ``budget``, then check the combined model on ``held`` and
+    drop the least efficient choices until it keeps the agreement budget."""
+    from .metrics import _logits
+    from .recovery import agreement, choose_sites, fit_sites, keep_norm, site_costs, site_options
+
+    options = site_options(sites)
+    costs = site_costs(teacher, options, fit, held, progress=progress)
+    chosen = choose_sites(costs, budget, macs_before)
+    with torch.no_grad():
+        ref = [_logits(teacher(b)) for b in held]
+
+    def build(choice):
+        recs = [next(o for o in options if o.name == c.name and o.action == c.action and (o.zeta or 0) == c.zeta)
+                for c in choice]
+        student = copy.deepcopy(teacher)
+        recs = keep_norm(recs)
+        apply_sites(student, recs)
+        fit_sites(student, teacher, recs, fit)
+        return recs, agreement(student, ref, held)
+
+    recs, measured = build(chosen)
+    checks = [{"sites": len(chosen), "agreement": measured["top1_agreement"]}]
+    while budget.agreement is not None and chosen and measured["top1_agreement"] < budget.agreement:
+        chosen = chosen[:-1]  # the least efficient choice goes first
+        recs, measured = build(chosen)
+        checks.append({"sites": len(chosen), "agreement": measured["top1_agreement"]})
+    by_name = {r.name: r for r in recs}
+    out = []
+    for s in sites:
+        if s.name in by_name:
+            out.append(by_name[s.name])
+        elif s.action != "skip":
+            s = copy.deepcopy(s)
+            own = [c for c in costs if c.name == s.name]
+            best = max(own, key=lambda c: c.agreement) if own else None
+            s.reason = (f"left out by the budget (alone: {best.agreement:.1f}% agreement)" if best
+                        else "left out by the budget")
+            s.action, s.zeta, s.removed, s.kept, s.macs_after = "skip", None, [], [], s.macs_before
+            out.append(s)
+        else:
+            out.append(s)
+    saved = sum(r.macs_saved for r in recs)
+    selection = {"budget": budget.to_json(), "costs": [c.to_json() for c in costs],
+                 "chosen": [r.name for r in recs], "agreement": measured["top1_agreement"],
+                 "macs_ratio": 1 - saved / macs_before if macs_before else None, "checks": checks}
+    return out, selection
+
+
+def _collapse_warning(original: nn.Module, converted: nn.Module, example: Any) -> str:
+    """A loud warning when, on a few random inputs, the converted model gives one class for all while the
+    original does not, or disagrees with it on most of them (measured without data; --data measures it)."""
+    from .graph import example_input_for
+    from .metrics import _logits
+
+    if not isinstance(example, torch.Tensor) or example.ndim < 2:
+        return ""
+    probe = example_input_for(original, batch_size=4, input_size=tuple(example.shape[1:]), seed=1)
+    with torch.no_grad():
+        a, b = _logits(_call(original, probe)).float(), _logits(_call(converted, probe)).float()
+    if a.ndim != 2 or a.shape[1] < 2:
+        return ""
+    ta, tb = a.argmax(1), b.argmax(1)
+    if len(set(tb.tolist())) == 1 and len(set(ta.tolist())) > 1:
+        return ("the converted model gives the same class for every probe input while the original does not: "
+                "its outputs have collapsed; convert with --data DIR (real images) to fit it and measure it")
+    if float((ta == tb).float().mean()) < 0.5:
+        return ("the converted model disagrees with the original on most probe inputs; convert with --data DIR "
+                "(real images) to fit it and measure it, or fine-tune it")
+    return ""
 
 
 def make_recipe(report: ConversionReport, source: Source) -> dict[str, Any]:
@@ -254,6 +390,9 @@ def make_recipe(report: ConversionReport, source: Source) -> dict[str, Any]:
         "rules": report.rules,
         "sites": [s.to_json() for s in report.sites if s.action != "skip"],
         "input_shape": list(report.input_shape),
+        **({"selection": {k: v for k, v in report.selection.items() if k != "costs"}} if report.selection else {}),
+        **({"init": {k: report.init[k] for k in ("kept", "agreement_before", "agreement_after", "fit_images",
+                                                 "held_out_images")}} if report.init else {}),
         "macs_before": report.macs_before,
         "macs_after": report.macs_after,
     }
@@ -285,12 +424,19 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
 def convert_named(spec: str, zeta: int | str = "auto", tau: Any = 0.5, preset: str | None = None,
                   mode: str = "squeeze", rules: Iterable[Rule | str | Path] | None = None, pretrained: bool = True,
                   weights: str | Path | None = None, kwargs: dict[str, Any] | None = None,
-                  input_size: tuple[int, ...] | None = None, key_map: str | None = None
-                  ) -> tuple[nn.Module, ConversionReport]:
-    """Build the model named by ``spec`` (timm name, ``torchvision:NAME``) and convert it in place.
+                  input_size: tuple[int, ...] | None = None, key_map: str | None = None,
+                  data: str | Path | None = None, calib_images: int = 512, budget: Any = None,
+                  preprocessing: dict[str, Any] | None = None, dry_run: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module | None, ConversionReport]:
+    """Build the model named by ``spec`` (timm name, ``torchvision:NAME``) and convert it in place (with
+    ``dry_run``, :func:`inspect` it). ``data``: a folder of real images, ``calib_images`` of which calibrate
+    (and, with ``budget``, choose) the sites; ``preprocessing`` (mean, std, crop_pct, interpolation) is used
+    for them and remembered in the checkpoint.
 
     Arguments are validated before the model is built, so a bad ζ fails fast.
     """
+    from .data import remembered_preprocessing, resolve_data_config
+    from .recovery import calibration_batches, parse_budget
     from .sources import create_model
 
     if spec.endswith(".safetensors") or Path(spec).is_file():
@@ -301,8 +447,24 @@ def convert_named(spec: str, zeta: int | str = "auto", tau: Any = 0.5, preset: s
     _check_zeta(zeta)
     _check_tau(tau)
     _rules_for(mode, preset, rules)
+    if parse_budget(budget) is not None and data is None:
+        raise PixifyError("--budget needs --data (real images to measure the sites on)")
+    if data is not None and not Path(data).exists():
+        raise PixifyError(f"--data {data} does not exist")
+    preprocessing = {k: v for k, v in (preprocessing or {}).items() if v is not None}
     model, source = create_model(spec, pretrained=pretrained and weights is None, weights=weights, kwargs=kwargs,
                                  key_map=key_map)
+    dcfg = resolve_data_config(model, input_size, **preprocessing) if (preprocessing or data is not None) else None
+    if dcfg is not None and input_size is None:
+        input_size = tuple(dcfg["input_size"])
     example = example_input_for(model, input_size=input_size) if input_size else None
-    return convert(model, zeta=zeta, tau=tau, preset=preset, mode=mode, rules=rules, example_input=example,
-                   source=source, inplace=True)
+    calibration = calibration_batches(model, data, calib_images, dcfg) if data is not None else None
+    if dry_run:
+        return None, inspect(model, zeta=zeta, tau=tau, preset=preset, mode=mode, rules=rules, example_input=example,
+                             source=source, calibration=calibration, progress=progress)
+    out, report = convert(model, zeta=zeta, tau=tau, preset=preset, mode=mode, rules=rules, example_input=example,
+                          source=source, inplace=True, calibration=calibration, budget=budget, progress=progress)
+    remembered = remembered_preprocessing({**preprocessing, **({"input_size": input_size} if input_size else {})})
+    if remembered:
+        out.pixify_recipe["data_config"] = remembered
+    return out, report

@@ -150,19 +150,30 @@ def prepare_data(path: str | Path, *, split: str = "train", dataset: str = "", l
     return DataSource(str(p), "", is_labelled, classes, n, split)
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
+
 def resolve_data_config(model: nn.Module, input_size: Sequence[int] | None = None, *, mean: Sequence[float] | None = None,
                         std: Sequence[float] | None = None, crop_pct: float | None = None,
                         interpolation: str | None = None) -> dict[str, Any]:
     """The model's preprocessing: timm's ``resolve_data_config`` on its ``pretrained_cfg``, adapted.
 
-    ``input_size`` (C, H, W) defaults to the recipe's conversion input shape, then the pretrained_cfg;
-    mean/std are cut to the number of input channels (a 1-channel model gets their average).
+    What is not given comes from the recipe's ``data_config`` (the preprocessing given to ``convert`` or
+    ``finetune`` earlier, remembered in the checkpoint), then, for the input size, the recipe's conversion
+    input shape, then the pretrained_cfg. mean/std are cut to the number of input channels (a 1-channel
+    model gets their average).
     """
     from timm.data import resolve_data_config as timm_resolve
 
     args: dict[str, Any] = {}
+    recipe = getattr(model, "pixify_recipe", None) or {}
+    remembered = recipe.get("data_config") if isinstance(recipe.get("data_config"), dict) else {}
+    input_size = input_size if input_size is not None else remembered.get("input_size")
+    mean = mean if mean is not None else remembered.get("mean")
+    std = std if std is not None else remembered.get("std")
+    crop_pct = crop_pct if crop_pct is not None else remembered.get("crop_pct")
+    interpolation = interpolation or remembered.get("interpolation")
     if input_size is None:
-        recipe = getattr(model, "pixify_recipe", None) or {}
         shape = recipe.get("input_shape") or []
         if len(shape) == 4:
             input_size = tuple(int(s) for s in shape[1:])
@@ -172,8 +183,10 @@ def resolve_data_config(model: nn.Module, input_size: Sequence[int] | None = Non
             raise PixifyError(f"input size must be C,H,W positive integers, got {input_size}")
         args["input_size"] = input_size
     if interpolation:
+        if interpolation not in INTERPOLATIONS:
+            raise PixifyError(f"unknown interpolation '{interpolation}'", f"use one of: {', '.join(INTERPOLATIONS)}")
         args["interpolation"] = interpolation
-    if crop_pct:
+    if crop_pct is not None:
         if not 0 < crop_pct <= 1:
             raise PixifyError(f"--crop-pct must be in (0, 1], got {crop_pct}")
         args["crop_pct"] = crop_pct
@@ -182,6 +195,8 @@ def resolve_data_config(model: nn.Module, input_size: Sequence[int] | None = Non
     chans = cfg["input_size"][0]
     for key, given in (("mean", mean), ("std", std)):
         vals = tuple(float(v) for v in (given if given is not None else cfg[key]))
+        if key == "std" and any(not (v > 0) for v in vals):
+            raise PixifyError(f"--std must be positive, got {', '.join(f'{v:g}' for v in vals)}")
         if len(vals) == 1:
             vals = vals * chans
         elif len(vals) != chans:
@@ -191,6 +206,15 @@ def resolve_data_config(model: nn.Module, input_size: Sequence[int] | None = Non
                 raise PixifyError(f"{key} has {len(vals)} values but the model takes {chans} channels")
         cfg[key] = vals
     return cfg
+
+
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def remembered_preprocessing(data_config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a data config that a checkpoint remembers (JSON: tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()
+            if k in PREPROCESSING_KEYS and v is not None}
 
 
 def create_dataset(source: DataSource, channels: int, training: bool):

@@ -67,8 +67,8 @@ class FinetuneConfig:
     weight_decay: float = 5e-5
     temperature: float = 4.0  #: distillation temperature T (the KL term is scaled by T²)
     kd_weight: float = 0.5  #: loss = kd_weight·KD + (1 − kd_weight)·CE with labels; KD alone without
-    init: str = "lsq"  #: lsq: least-squares refit of the layers fed by PiX before training | none
-    calib_images: int = 2048  #: images for the refit and the batch-norm re-estimation (0: skip both)
+    init: str = "lsq"  #: lsq: every site fitted to the teacher by least squares, kept if it helps | none
+    calib_images: int = 2048  #: images for the fit (three quarters) and for checking it (0: skip)
     augment: bool = False  #: timm's training augmentation (default: the evaluation transforms)
     workers: int = 2  #: data-loading processes per training process
     seed: int = 0
@@ -693,7 +693,7 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
             :func:`pixify.data.resolve_data_config` on the model.
         progress: show rich progress bars.
     """
-    from .data import DataSource, create_loader, prepare_data, resolve_data_config
+    from .data import DataSource, create_loader, prepare_data, remembered_preprocessing, resolve_data_config
 
     t_start = time.perf_counter()
     cfg = config or FinetuneConfig()
@@ -825,7 +825,7 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
                                    "steps_per_epoch": steps_per_epoch, "config": cfg.to_json(),
                                    "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dcfg.items()}})
             if cfg.calib_images > 0:
-                init_info = _initialise(student, tmodel, loader, cfg, dev, channels_last)
+                init_info = _initialise(student, tmodel, loader, cfg, dev, channels_last, recipe, progress)
             if val_loader is not None:  # the starting point, epoch 0 of the curves
                 ev = evaluate(student, val_loader, teacher=tmodel, device=str(dev))
                 init_info.update({f"val_{k}": v for k, v in ev.items() if k in ("top1", "top5", "agreement")})
@@ -928,6 +928,7 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
                 summary = {"epoch": epoch + 1, "step": step, "metrics": history[-1]}
                 student_recipe = dict(recipe)
                 student_recipe["finetune"] = summary
+                student_recipe["data_config"] = remembered_preprocessing(dcfg)  # eval/bench read it back
                 from .checkpoint import save
 
                 save(student, ckpt_path, recipe=student_recipe, warn_unverified=False)
@@ -965,15 +966,19 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
                 dist.destroy_process_group()
     student.eval()
     student.pixify_recipe = dict(recipe, finetune={"epoch": n_epochs, "step": step,
-                                                   "metrics": history[-1] if history else {}})
+                                                   "metrics": history[-1] if history else {}},
+                                 data_config=remembered_preprocessing(dcfg))
     return FinetuneResult(model=student, out=out, checkpoint=ckpt_path, epochs=n_epochs, steps=step,
                           seconds=time.perf_counter() - t_start, history=history, init=init_info)
 
 
 def _initialise(student: nn.Module, teacher: nn.Module, loader: Iterable, cfg: FinetuneConfig, dev: torch.device,
-                channels_last: bool) -> dict[str, Any]:
-    """Least-squares refit (cfg.init == 'lsq') and batch-norm re-estimation on ~cfg.calib_images images."""
-    from .conversion import recalibrate_batchnorm
+                channels_last: bool, recipe: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Fit the converted sites to the teacher on ~cfg.calib_images training images (cfg.init == 'lsq'; one
+    teacher pass, see :func:`pixify.recovery.initialise`), keeping whatever agrees best with the teacher on
+    the held-out quarter of those images: the initialisation never makes the agreement worse."""
+    from .recovery import agreement, initialise, split_batches
+    from .rewrite import SiteRecord
 
     t0 = time.perf_counter()
     batches: list[torch.Tensor] = []
@@ -987,14 +992,22 @@ def _initialise(student: nn.Module, teacher: nn.Module, loader: Iterable, cfg: F
         if n >= cfg.calib_images:
             break
     info: dict[str, Any] = {"calib_images": n}
-    before = _agreement(student, teacher, batches)
-    info["calib_agreement_converted"] = before["top1_agreement"]
-    if cfg.init == "lsq":
-        info["refit"] = refit_from_teacher(student, teacher, batches)
-    bns = recalibrate_batchnorm(student, batches)
-    info["batchnorms"] = bns
-    after = _agreement(student, teacher, batches)
-    info["calib_agreement"] = after["top1_agreement"]
-    info["calib_rel_logit_error"] = after["rel_logit_error"]
+    records = [SiteRecord.from_json(r) for r in (recipe or getattr(student, "pixify_recipe", {}) or {}).get("sites", [])]
+    if cfg.init == "lsq" and n >= 2 and records:
+        fit, held = split_batches(batches)
+        bar = _Progress(progress, "initialising", len(fit))
+        res = initialise(student, teacher, records, fit, held,
+                         progress=lambda done, total: bar.update(1) if done <= total else None)
+        bar.close()
+        info.update(calib_agreement_converted=res["agreement_before"], calib_agreement=res["agreement_after"],
+                    calib_rel_logit_error=res["rel_logit_error_after"], kept=res["kept"], candidates=res["candidates"],
+                    norms_reestimated=len(res["norms_reestimated"]), held_out_images=res["held_out_images"],
+                    sites=res["sites"])
+    else:
+        with torch.no_grad():
+            ref = [_logits(teacher(b)) for b in batches]
+        m = agreement(student, ref, batches)
+        info.update(calib_agreement_converted=m["top1_agreement"], calib_agreement=m["top1_agreement"],
+                    calib_rel_logit_error=m["rel_logit_error"], kept="as converted")
     info["seconds"] = round(time.perf_counter() - t0, 2)
     return info

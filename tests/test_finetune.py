@@ -139,7 +139,10 @@ def test_labelled_run_lowers_distillation_loss(world, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     events = [r["event"] for r in recs]
     assert events[0] == "start" and events[1] == "init" and events.count("epoch") == 3
-    assert recs[1]["refit"] and any(r["refit"] for r in recs[1]["refit"])
+    init = recs[1]
+    assert init["kept"] in init["candidates"] and len(init["sites"]) >= 3
+    assert {s["fit"] for s in init["sites"]} <= {"layer", "consumer", "affine", "none"}
+    assert init["calib_agreement"] >= init["calib_agreement_converted"]  # never worse
     assert all(r["ce"] is not None for r in recs if r["event"] == "train")  # labels → CE is in the loss
     assert [h["epoch"] for h in res.history] == [1, 2, 3] and "val_agreement" in res.history[-1]
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
