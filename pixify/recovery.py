@@ -304,8 +304,9 @@ def _accumulate_layer(p: _Plan, x: torch.Tensor, y: torch.Tensor, max_rows: int,
         a, t = a[keep], t[keep]
     a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
     s = p.stats
-    s.add("ata", a.T @ a)
-    s.add("atb", a.T @ t)
+    a32 = a.float()  # the products in float32 (4x faster here), their sums over batches in float64
+    s.add("ata", (a32.T @ a32).double())
+    s.add("atb", (a32.T @ t.float()).double())
     s.add("n", t.shape[0])
     s.add("z", t.sum(0))
     s.add("zz", (t * t).sum(0))
@@ -350,17 +351,23 @@ def _solve(p: _Plan, ridge: float) -> dict[str, Any]:
         ata, atb = ata[:-1, :-1], atb[:-1]
     k = ata.shape[0] - (1 if with_offset else 0)
     lam = ridge * float(ata.diagonal()[:k].mean()) + 1e-12
-    eye = torch.eye(ata.shape[0], dtype=ata.dtype)
+    d = torch.ones(ata.shape[0], dtype=ata.dtype)  # the ridge's diagonal: every weight, not the offset
     if with_offset:
-        eye[-1, -1] = 0
+        d[-1] = 0
     # ridge towards the folded weights (what the layer computes as converted), not towards zero: with few
     # images and many inputs the fit stays near a sensible layer instead of overfitting the calibration set
     prior = layer.weight.detach().double().reshape(layer.weight.shape[0], -1).T
     if with_offset:
         bias0 = layer.bias.detach().double() if layer.bias is not None else torch.zeros(prior.shape[1], dtype=prior.dtype)
         prior = torch.cat([prior, bias0[None]], 0)
-    w = torch.linalg.solve(ata + lam * eye, atb + lam * eye @ prior).T
-    resid = float(torch.trace(w @ ata @ w.T - 2 * w @ atb)) + float(s["zz"].sum())
+    rhs = atb + lam * d[:, None] * prior
+    lhs = ata + torch.diag(lam * d)
+    chol, info = torch.linalg.cholesky_ex(lhs)  # symmetric positive definite: half the work of an LU solve
+    wt = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.solve(lhs, rhs)
+    w = wt.T
+    # ‖A wᵀ − b‖² = zz − 2 tr(w atb) + tr(w ata wᵀ), and ata wᵀ = rhs − λ D wᵀ: no product with ata needed
+    quad = float((wt * (rhs - lam * d[:, None] * wt)).sum())
+    resid = float(s["zz"].sum()) - 2 * float((wt * atb).sum()) + quad
     weight = w[:, :k] if with_offset else w
     layer.weight.data.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
     if with_offset:
