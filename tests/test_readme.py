@@ -33,6 +33,7 @@ README = ROOT / "README.md"
 SUBSTITUTE = {
     # no network here: the hub weights cannot be fetched (the README says so right above the example)
     'pretrained=True': 'pretrained=False',
+    'pixify convert resnet50 --data': 'pixify convert resnet50 --no-pretrained --data',
     # 8 processes do not fit a 2-core machine; 2 exercise the same DDP path (gloo on CPU)
     "torchrun --nproc-per-node 8": "torchrun --nproc-per-node 2",
 }
@@ -131,16 +132,20 @@ def _shown_lines(expected: list[str]) -> list[str]:
     return keep
 
 
+def _slow(cmd: str) -> bool:
+    return cmd.startswith(SLOW) or "--data" in cmd  # fitting ResNet-50 to data takes minutes here
+
+
 def _examples() -> list:
     params = []
     for lang, body, line in blocks(README.read_text()):
         if lang == "console":
             for cmd, expected in console_commands(body):
-                marks = [pytest.mark.slow] if cmd.startswith(SLOW) else []
+                marks = [pytest.mark.slow] if _slow(cmd) else []
                 params.append(pytest.param("console", cmd, expected, id=f"L{line}:{cmd[:40]}", marks=marks))
         elif lang == "bash":
             for i, cmd in enumerate(bash_commands(body)):
-                marks = [pytest.mark.slow] if cmd.startswith(SLOW) else []
+                marks = [pytest.mark.slow] if _slow(cmd) else []
                 params.append(pytest.param("bash", cmd, None, id=f"L{line + 1 + i}:{cmd[:40]}", marks=marks))
         elif lang == "python":
             marks = [pytest.mark.slow] if any(s in body for s in SLOW_PYTHON) else []
