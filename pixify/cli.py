@@ -460,7 +460,9 @@ def bench(
     if model is None:
         raise PixifyError("bench needs a MODEL (or --op for the op-level benchmark)")
     original, converted, report_macs, report_params, label = _bench_models(model, zeta, _parse_input_size(input_size))
-    size = _parse_input_size(input_size) or tuple(converted.pixify_recipe.get("input_shape", [1, 3, 224, 224])[1:])
+    recipe = converted.pixify_recipe
+    size = (_parse_input_size(input_size) or tuple((recipe.get("data_config") or {}).get("input_size") or ())
+            or tuple(recipe.get("input_shape", [1, 3, 224, 224])[1:]))  # the remembered preprocessing first
     timings = bench_models(original, converted, size, sizes, device, dtypes[dtype], compile, train, rounds,
                            channels_last=channels_last, floor=floor, compile_mode=compile_mode,
                            progress=None if as_json else (lambda m: con.print(f"[dim]timing {m}...[/dim]")))

@@ -62,7 +62,9 @@ class Rule:
         return not any(fnmatch.fnmatchcase(qualname, p) for p in self.exclude)
 
     def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "sha256": self.digest}
+        """What a checkpoint records of the rule: the file's name (never a folder of this machine) and hash."""
+        src = self.source if self.source.startswith(("rules/", "<")) else Path(self.source).name
+        return {"name": self.name, "source": src, "sha256": self.digest}
 
 
 _TYPES: dict[str, tuple[type, ...]] = {

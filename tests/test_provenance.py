@@ -225,3 +225,14 @@ def test_public_api_is_the_readme():
 
     importlib.import_module("pixify.training")  # importing the module must not replace the function
     assert callable(pixify.finetune) and callable(pixify.evaluate)
+
+
+def test_user_rules_file_is_recorded_by_name(tmp_path):
+    rules = tmp_path / "mine.toml"
+    rules.write_text('[[rule]]\nname = "mine"\ndescription = "x"\nmode = "squeeze"\npriority = 500\n'
+                     'pattern = ["conv2d", "norm?", "act?"]\nkernel_size = 1\nmin_ratio = 1.0\n'
+                     'include = ["layer3.*"]\n')
+    converted, _ = pixify.convert(timm.create_model("resnet26"), rules=[rules],
+                                  example_input=torch.randn(1, 3, 64, 64))
+    text = json.dumps(converted.pixify_recipe)
+    assert "mine.toml" in text and str(tmp_path) not in text
