@@ -200,12 +200,14 @@ def test_inspect_does_not_modify_and_reports_costs(resnet50):
     assert isinstance(resnet50.layer1[1].conv1, nn.Conv2d)
 
 
-def test_calibration_reestimates_batchnorm_and_measures_agreement():
+def test_calibration_fits_and_measures_agreement_on_held_out_images():
     torch.manual_seed(0)
     m = timm.create_model("resnet26", pretrained=False, num_classes=10).eval()
     calib = [torch.randn(4, 3, 64, 64) for _ in range(2)]
     conv, rep = pixify.convert(m, zeta=2, calibration=calib, example_input=calib[0][:1])
-    assert rep.agreement_on == "8 calibration images"
+    assert rep.agreement_on == "2 held-out calibration images"  # a quarter of the 8; the rest fits the sites
     assert 0.0 <= rep.agreement["top1_agreement"] <= 100.0 and rep.agreement["rel_logit_error"] >= 0
-    bn = conv.layer1[0].bn1
-    assert bn.num_batches_tracked.item() == 2  # re-estimated on exactly the calibration batches
+    assert rep.init["fit_images"] == 6 and rep.init["kept"] in rep.init["candidates"]
+    assert rep.init["agreement_after"] >= rep.init["agreement_before"]
+    untouched = conv.layer1[0].bn3  # a norm no fit touched keeps the original's statistics
+    assert torch.equal(untouched.running_mean, m.layer1[0].bn3.running_mean)
