@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -481,8 +481,6 @@ class SiteCost:
 def site_options(records: Sequence[SiteRecord]) -> list[SiteRecord]:
     """Every candidate way to convert each site: the planned action, and for a squeeze site also the hybrid
     at ζ = 2 (a gentler cut) when that differs from the plan."""
-    import math as _m
-
     from .ops import pix_groups
     from .rewrite import _site_macs
 
@@ -499,7 +497,6 @@ def site_options(records: Sequence[SiteRecord]) -> list[SiteRecord]:
                 h.macs_after = _site_macs(h)
                 if h.macs_after < h.macs_before:
                     out.append(h)
-        _ = _m
     return out
 
 
