@@ -24,7 +24,7 @@ and transfer-trained on Fashion-MNIST; pixify converts it and recovers it with t
 
 Run:  python examples/lite0_fashion_mnist.py [--work DIR] [--epochs 2] [--train-subset 12000] [--size 64]
       python examples/lite0_fashion_mnist.py --quick      (a few hundred images, a few steps: ~3 minutes)
-(the default run takes about 40 minutes on 2 CPU cores; --reuse keeps the data and trained original in WORK).
+(the default run took 44 minutes on 2 busy CPU cores; --reuse keeps the data and trained original in WORK).
 """
 
 from __future__ import annotations

@@ -86,3 +86,26 @@ def test_budgeted_conversion_on_held_out_photos(lite0, tmp_path):
     print(f"\nbudgeted: {len(sel['chosen'])} sites, MACs x{sel['macs_ratio']:.3f}, own held-out {sel['agreement']:.1f}%, "
           f"unseen photos {measured:.1f}%, init {report.init['seconds']} s, kept {report.init['kept']}")
     assert measured >= 60.0  # crops of unseen photos; see docs/recovery.md for the measured values
+
+
+@pytest.mark.slow
+def test_lite0_fashion_mnist_example_quick(tmp_path):
+    """The transfer benchmark (examples/lite0_fashion_mnist.py) end to end in its small version: real ImageNet
+    weights transferred to Fashion-MNIST, converted with and without data, fine-tuned and evaluated through the
+    CLI. The full run's numbers are in docs/recovery.md."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist (./install.sh)")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(root / "examples" / "lite0_fashion_mnist.py"), "--quick", "--work",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["quick"] and summary["original_top1"] > 20.0  # the transfer learnt something
+    assert summary["conversions"]["static"]["macs_ratio"] < 1.0
