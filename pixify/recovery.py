@@ -336,12 +336,17 @@ def _solve(p: _Plan, ridge: float) -> dict[str, Any]:
         a = torch.where(pick, coef["pick"][0], coef["mix"][0])
         b = torch.where(pick, coef["pick"][1], coef["mix"][1])
         r = torch.where(pick, res["pick"], res["mix"])
+        # the norm computes a·f + b with f's own statistics as its running ones, so that a training step (which
+        # normalises with the batch's statistics) starts from the same function the fit gave
+        mean_f = torch.where(pick, s["pickf"], s["mixf"]) / n
+        var_f = (torch.where(pick, s["pickff"], s["mixff"]) / n - mean_f ** 2).clamp_min(0.0)
         bn = p.norm
-        bn.running_mean.zero_()
-        bn.running_var.fill_(1.0 - bn.eps)  # (f - 0) / sqrt(1 - eps + eps) = f: the norm is the affine map
+        scale = (var_f + bn.eps).sqrt()
+        bn.running_mean.copy_(mean_f.to(bn.running_mean.dtype))
+        bn.running_var.copy_(var_f.to(bn.running_var.dtype))
         if bn.weight is not None:
-            bn.weight.data.copy_(a.to(bn.weight.dtype))
-            bn.bias.data.copy_(b.to(bn.bias.dtype))
+            bn.weight.data.copy_((a * scale).to(bn.weight.dtype))
+            bn.bias.data.copy_((b + a * mean_f).to(bn.bias.dtype))
         rec.update(rel_error=math.sqrt(max(float(r.sum()), 0.0) / var_t), picked=float(pick.float().mean()))
         return rec
     ata, atb = s["ata"], s["atb"]

@@ -54,6 +54,18 @@ def test_fit_reduces_every_sites_error_in_one_teacher_pass(small):
             assert f["rel_error"] < f["rel_error_before"], f
         if f["fit"] == "affine":
             assert 0 <= f["rel_error"] <= 1.0 + 1e-6, f  # an affine map fitted by least squares beats a constant
+    # a norm holding a fitted affine map keeps the statistics of what it reads, so that a training step
+    # (batch statistics) computes nearly what evaluation (running statistics) does
+    rec = next(r for r in records if r.action == "pure" and r.kept)
+    norm = student.get_submodule(rec.kept[0])
+    seen = {}
+    hook = norm.register_forward_pre_hook(lambda m, i: seen.__setitem__("x", i[0]))
+    with torch.no_grad():
+        student(torch.cat(batches))
+    hook.remove()
+    x = seen["x"]
+    assert torch.allclose(norm.running_mean, x.mean((0, 2, 3)), rtol=0.05, atol=1e-3)
+    assert torch.allclose(norm.running_var, x.var((0, 2, 3), unbiased=False), rtol=0.05, atol=1e-3)
 
 
 def test_consumer_refit_for_pure_sites_without_norm(small):
