@@ -30,12 +30,10 @@ Run:  python examples/lite0_fashion_mnist.py [--work DIR] [--epochs 2] [--train-
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
 import shlex
-import struct
 import subprocess
 import sys
 import time
@@ -45,7 +43,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fashion_mnist_recovery import load_split as _fmnist_split  # noqa: E402 - the IDX reader
+
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's: what the pretrained weights expect
 MODEL = "efficientnet_lite0"
@@ -60,20 +60,10 @@ def model_kwargs(size: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    prefix = "train" if split == "train" else "t10k"
-    images = IDX_DIR / f"{prefix}-images-idx3-ubyte.gz"
-    if not images.exists():
-        sys.exit(f"error: {images} not found (apt-get install dataset-fashion-mnist)")
-    return read_idx(images), read_idx(IDX_DIR / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    """Images (uint8) and int64 labels of one split, read by the Fashion-MNIST recovery example's reader."""
+    images, labels = _fmnist_split(split)
+    return images, labels.astype(np.int64)
 
 
 def subset(images: np.ndarray, labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

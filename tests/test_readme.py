@@ -77,22 +77,10 @@ def bash_commands(body: str) -> list[str]:
     return cmds
 
 
-def _write_images(folder: Path, per_class: int, classes: int | None, seed: int) -> None:
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in range(classes or 1):
-        d = folder / f"class{c}" if classes else folder
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.integers(0, 120, (40, 40, 3))
-            img[..., c % 3] += 120
-            Image.fromarray(img.clip(0, 255).astype("uint8")).save(d / f"{i:02d}.png")
-
-
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
+    from test_finetune import _write_images
+
     root = tmp_path_factory.mktemp("readme")
     _write_images(root / "train", 4, 2, 0)
     _write_images(root / "val", 2, 2, 1)
