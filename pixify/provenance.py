@@ -17,16 +17,9 @@ import torch
 from torch import nn
 
 from .errors import PixifyError
-from .sources import Source, parse_spec, state_dict_digest
+from .sources import _SAFE_CFG_KEYS, Source, parse_spec, state_dict_digest
 
 __all__ = ["identify", "verify", "signature"]
-
-# The pretrained_cfg entries that describe the model and its preprocessing (what a rebuild and the data
-# pipeline read). URLs, file names and label lists stay out of checkpoints.
-_CFG_KEYS = ("architecture", "tag", "hf_hub_id", "input_size", "test_input_size", "min_input_size",
-             "fixed_input_size", "interpolation", "crop_pct", "test_crop_pct", "crop_mode", "mean", "std",
-             "num_classes", "pool_size", "first_conv", "classifier")
-
 
 def signature(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The state dict's keys with the shape and dtype of each tensor."""
@@ -53,7 +46,7 @@ def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any] | None:
 def pretrained_cfg_subset(cfg: Any) -> dict[str, Any]:
     cfg = cfg if isinstance(cfg, dict) else getattr(cfg, "__dict__", {}) or {}
     out = {}
-    for k in _CFG_KEYS:
+    for k in _SAFE_CFG_KEYS:  # what describes the model and its preprocessing, never a URL or file
         if cfg.get(k) is not None:
             try:
                 out[k] = _json_value(cfg[k])
