@@ -8,8 +8,6 @@ renamed into place, so a checkpoint is never half-written.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,35 +16,13 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, PixifyError, PixifyWarning
+from .outputs import atomic_write, check_output_file
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save", "load", "read_recipe", "atomic_write"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "save", "load", "read_recipe", "atomic_write", "check_output_file"]
 
 FORMAT = "pixify"
 FORMAT_VERSION = 1
 _META_KEY = "pixify"
-
-
-def check_output_path(path: str | Path) -> Path:
-    p = Path(path)
-    if p.exists() and p.is_dir():
-        raise PixifyError(f"output path {path} is a directory", "give a file name ending in .safetensors")
-    if not p.parent.exists():
-        raise PixifyError(f"output directory {p.parent} does not exist", "create it first or choose another -o")
-    return p
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``; removes the temporary on failure."""
-    p = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent or "."))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save(model: nn.Module, path: str | Path, recipe: dict[str, Any] | None = None, *,

@@ -280,9 +280,9 @@ def convert(
 
     t0 = time.perf_counter()
     out_path = Path(output) if output is not None else Path(f"{model.replace(':', '_').replace('/', '_')}_pix.safetensors")
-    from .checkpoint import check_output_path, save
+    from .checkpoint import check_output_file, save
 
-    check_output_path(out_path)
+    check_output_file(out_path, "-o")
     with _quiet_warnings(), _progress(not as_json and data is not None, "measuring sites" if budget else
                                       "fitting") as bar:
         converted, report = convert_named(
@@ -696,8 +696,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     except typer.Exit as exc:
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # writes are atomic: an interrupted command leaves no partial file
+        if debug:
+            raise
+        print(f"interrupted {exc}" if str(exc) else "interrupted; nothing was written", file=sys.stderr)
         return 130
 
 

@@ -35,5 +35,9 @@ class CheckpointError(PixifyError):
     """A checkpoint cannot be read or does not reproduce."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with one line saying what was kept (the CLI prints it and exits with 130)."""
+
+
 class PixifyWarning(UserWarning):
     """Something the user should know that does not stop the work (one line)."""

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import atomic_write, read_recipe
-from .errors import PixifyError
+from .errors import Interrupted, PixifyError
+from .outputs import RunLock, check_output_dir
 from .metrics import _logits
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "evaluate", "load_teacher", "distillation_loss",
@@ -669,6 +670,65 @@ def _setup_distributed(device: str | None) -> tuple[bool, str]:
     return True, device
 
 
+
+class _RunFolder:
+    """The output folder of one run: created and locked on entry (by the process that owns it), and on an
+    error or Ctrl-C before this run wrote its first checkpoint, left exactly as it was found (the files this
+    run created removed, the folder too if it made it). Ctrl-C ends as :class:`Interrupted`, saying what
+    was kept."""
+
+    def __init__(self, out: Path, files: Sequence[Path], owner: bool = True):
+        self.out, self.files, self.owner = out, list(files), owner
+        self.lock: RunLock | None = None
+
+    def __enter__(self) -> "_RunFolder":
+        if not self.owner:
+            return self
+        self.made_folder = not self.out.exists()
+        try:
+            self.out.mkdir(parents=False, exist_ok=True)
+        except OSError as exc:
+            raise PixifyError(f"cannot create --out {self.out}: {exc.strerror or exc}") from None
+        self.before = {f: (f.stat().st_mtime_ns if f.exists() else None) for f in self.files}
+        try:
+            self.lock = RunLock(self.out).acquire()
+        except BaseException:
+            if self.made_folder:
+                self.out.rmdir()
+            raise
+        return self
+
+    def _checkpointed(self) -> bool:
+        ckpt = self.files[0]
+        return ckpt.exists() and ckpt.stat().st_mtime_ns != self.before.get(ckpt)
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if not self.owner:
+            return None
+        lock, self.lock = self.lock, None
+        if kind is None:
+            lock.release()
+            return None
+        resumable = self._checkpointed() or self.before.get(self.files[0]) is not None
+        if not resumable:
+            for f in self.files:
+                if self.before.get(f) is None and f.exists():
+                    f.unlink()
+            for stray in self.out.glob(".*.pixify-*.tmp"):
+                stray.unlink()
+        lock.release()
+        if self.made_folder and not resumable:
+            try:
+                self.out.rmdir()
+            except OSError:
+                pass
+        if issubclass(kind, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+            if resumable:
+                raise Interrupted(f"kept {self.files[0]} and its training state; continue with --resume") from None
+            raise Interrupted("before the first checkpoint; nothing was kept") from None
+        return None
+
+
 def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | str | Path | None = None,
              out: str | Path | None = None, val_data: Any = None, resume: bool = False,
              config: FinetuneConfig | None = None, device: str | None = None, labelled: bool | None = None,
@@ -711,8 +771,7 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
     out = Path(out)
     state_path, ckpt_path, log_path, png_path = (out / STATE_NAME, out / CHECKPOINT_NAME, out / LOG_NAME,
                                                  out / PLOT_NAME)
-    if out.exists() and not out.is_dir():
-        raise PixifyError(f"--out {out} is a file", "give a folder")
+    check_output_dir(out, "--out")
     state_tensors: dict[str, torch.Tensor] = {}
     state_meta: dict[str, Any] = {}
     fresh_log = False
@@ -754,8 +813,6 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
     _check_classes(source, student)
     tmodel = load_teacher(recipe, teacher, _near(model))
     dcfg = data_config or resolve_data_config(student)
-    if not out.parent.exists():
-        raise PixifyError(f"the parent folder of --out {out} does not exist")
 
     distributed, device = _setup_distributed(device)
     rank, world = _rank(), _world()
@@ -774,196 +831,195 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
     val_loader = (create_loader(val_source, dcfg, max(cfg.batch_size, 64), training=False, workers=cfg.workers,
                                 device=device) if val_source is not None and rank == 0 else None)
 
-    if rank == 0:
-        out.mkdir(parents=False, exist_ok=True)
-        if fresh_log and log_path.exists():
+    with _RunFolder(out, [ckpt_path, state_path, log_path, png_path], owner=rank == 0):
+        if rank == 0 and fresh_log and log_path.exists():
             log_path.unlink()
-    student.to(dev)
-    tmodel.to(dev)
-    for p in tmodel.parameters():
-        p.requires_grad_(False)
-    if channels_last:
-        student.to(memory_format=torch.channels_last)
-        tmodel.to(memory_format=torch.channels_last)
+        student.to(dev)
+        tmodel.to(dev)
+        for p in tmodel.parameters():
+            p.requires_grad_(False)
+        if channels_last:
+            student.to(memory_format=torch.channels_last)
+            tmodel.to(memory_format=torch.channels_last)
 
-    params = [p for p in student.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
-                              weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+        params = [p for p in student.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                                  weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
 
-    history: list[dict[str, Any]] = []
-    init_info: dict[str, Any] = {}
-    start_epoch = step = 0
-    if resume:
-        model_sd = {k[len("model/"):]: v for k, v in state_tensors.items() if k.startswith("model/")}
+        history: list[dict[str, Any]] = []
+        init_info: dict[str, Any] = {}
+        start_epoch = step = 0
+        if resume:
+            model_sd = {k[len("model/"):]: v for k, v in state_tensors.items() if k.startswith("model/")}
+            try:
+                student.load_state_dict(model_sd, strict=True)
+            except RuntimeError as exc:
+                raise PixifyError(f"the training state in {out} does not fit this model "
+                                  f"({str(exc).splitlines()[0]})", "resume with the same checkpoint") from None
+            _optimizer_from_files(opt, state_tensors, state_meta["optimizer"], dev)
+            if state_meta.get("scaler"):
+                scaler.load_state_dict(state_meta["scaler"])
+            start_epoch, step = int(state_meta["epoch"]), int(state_meta["step"])
+            history = list(state_meta.get("history", []))
+            init_info = dict(state_meta.get("init", {}))
+            if state_meta.get("world_size", 1) != world and rank == 0:
+                print(f"pixify: the interrupted run used {state_meta.get('world_size')} processes, this one {world}: "
+                      "the data order differs from an uninterrupted run", file=sys.stderr, flush=True)
+            if rank == 0:
+                _truncate_log(log_path, step)
+        else:
+            if rank == 0:
+                _append_log(log_path, {"event": "start", "model": model_name, "data": source.describe(),
+                                       "labelled": source.labelled, "val_data": val_source.describe() if val_source else None,
+                                       "teacher": Path(teacher).name if isinstance(teacher, (str, Path)) else
+                                       ("module" if isinstance(teacher, nn.Module) else recipe["source"].get("weights")),
+                                       "world_size": world, "device": str(dev), "steps": total_steps,
+                                       "steps_per_epoch": steps_per_epoch, "config": cfg.to_json(),
+                                       "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dcfg.items()}})
+                if cfg.calib_images > 0:
+                    init_info = _initialise(student, tmodel, loader, cfg, dev, channels_last, recipe, progress)
+                if val_loader is not None:  # the starting point, epoch 0 of the curves
+                    ev = evaluate(student, val_loader, teacher=tmodel, device=str(dev))
+                    init_info.update({f"val_{k}": v for k, v in ev.items() if k in ("top1", "top5", "agreement")})
+                if init_info:
+                    _append_log(log_path, {"event": "init", **init_info})
+
+        if start_epoch >= n_epochs:
+            if rank == 0:
+                print(f"pixify: the run in {out} is already complete ({step} steps)", file=sys.stderr, flush=True)
+        train_model: nn.Module = student
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            train_model = DDP(student, device_ids=[dev.index] if use_cuda else None)
+        if cfg.compile:
+            train_model = torch.compile(train_model)
+
+        last_good = ckpt_path if ckpt_path.exists() else None
         try:
-            student.load_state_dict(model_sd, strict=True)
-        except RuntimeError as exc:
-            raise PixifyError(f"the training state in {out} does not fit this model "
-                              f"({str(exc).splitlines()[0]})", "resume with the same checkpoint") from None
-        _optimizer_from_files(opt, state_tensors, state_meta["optimizer"], dev)
-        if state_meta.get("scaler"):
-            scaler.load_state_dict(state_meta["scaler"])
-        start_epoch, step = int(state_meta["epoch"]), int(state_meta["step"])
-        history = list(state_meta.get("history", []))
-        init_info = dict(state_meta.get("init", {}))
-        if state_meta.get("world_size", 1) != world and rank == 0:
-            print(f"pixify: the interrupted run used {state_meta.get('world_size')} processes, this one {world}: "
-                  "the data order differs from an uninterrupted run", file=sys.stderr, flush=True)
-        if rank == 0:
-            _truncate_log(log_path, step)
-    else:
-        if rank == 0:
-            _append_log(log_path, {"event": "start", "model": model_name, "data": source.describe(),
-                                   "labelled": source.labelled, "val_data": val_source.describe() if val_source else None,
-                                   "teacher": Path(teacher).name if isinstance(teacher, (str, Path)) else
-                                   ("module" if isinstance(teacher, nn.Module) else recipe["source"].get("weights")),
-                                   "world_size": world, "device": str(dev), "steps": total_steps,
-                                   "steps_per_epoch": steps_per_epoch, "config": cfg.to_json(),
-                                   "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in dcfg.items()}})
-            if cfg.calib_images > 0:
-                init_info = _initialise(student, tmodel, loader, cfg, dev, channels_last, recipe, progress)
-            if val_loader is not None:  # the starting point, epoch 0 of the curves
-                ev = evaluate(student, val_loader, teacher=tmodel, device=str(dev))
-                init_info.update({f"val_{k}": v for k, v in ev.items() if k in ("top1", "top5", "agreement")})
-            if init_info:
-                _append_log(log_path, {"event": "init", **init_info})
+            for epoch in range(start_epoch, n_epochs):
+                _seed_all(_epoch_seed(cfg.seed, epoch, rank))
+                sampler = getattr(loader, "sampler", None)
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+                train_model.train()
+                tmodel.eval()
+                epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+                bar = _Progress(progress, f"epoch {epoch + 1}/{n_epochs}", epoch_steps)
+                sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+                seen = 0
+                window: dict[str, float] = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "n": 0, "images": 0}
+                t_win = t_epoch = time.perf_counter()
+                for i, batch in enumerate(loader):
+                    if i >= epoch_steps:
+                        break
+                    x = _batch_input(batch).to(dev, non_blocking=True)
+                    y = batch[1].to(dev, non_blocking=True) if source.labelled and isinstance(batch, (tuple, list)) else None
+                    if channels_last and x.ndim == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    lr = _lr_at(cfg, step, total_steps)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
+                        with torch.no_grad():
+                            t_logits = _logits(tmodel(x))
+                        s_logits = _logits(train_model(x))
+                    kd = distillation_loss(s_logits, t_logits, cfg.temperature)
+                    if y is not None and cfg.kd_weight < 1:
+                        ce = F.cross_entropy(s_logits.float(), y)
+                        loss = cfg.kd_weight * kd + (1 - cfg.kd_weight) * ce
+                    else:
+                        ce = None
+                        loss = kd
+                    vals = torch.stack([loss.detach(), kd.detach(), ce.detach() if ce is not None else kd.new_zeros(())])
+                    if distributed:
+                        import torch.distributed as dist
 
-    if start_epoch >= n_epochs:
-        if rank == 0:
-            print(f"pixify: the run in {out} is already complete ({step} steps)", file=sys.stderr, flush=True)
-    train_model: nn.Module = student
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+                        dist.all_reduce(vals)
+                        vals /= world
+                    lv, kv, cv = (float(v) for v in vals)
+                    if not math.isfinite(lv):
+                        where = f"epoch {epoch + 1}, step {step + 1}"
+                        kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+                        raise PixifyError(f"the loss became non-finite ({lv}) at {where}; stopped, {kept}",
+                                          "lower --lr, or check the model and data for inf/nan values")
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    step += 1
+                    bs = x.shape[0] * world
+                    seen += bs
+                    sums["loss"] += lv * bs
+                    sums["kd"] += kv * bs
+                    sums["ce"] += cv * bs
+                    for k, v in (("loss", lv), ("kd", kv), ("ce", cv)):
+                        window[k] += v
+                    window["n"] += 1
+                    window["images"] += bs
+                    bar.update(1, images=bs, loss=lv)
+                    if rank == 0 and (step % cfg.log_every == 0 or i == epoch_steps - 1):
+                        dt = max(1e-9, time.perf_counter() - t_win)
+                        n = window["n"]
+                        _append_log(log_path, {"event": "train", "epoch": epoch + 1, "step": step, "lr": lr,
+                                               "loss": window["loss"] / n, "kd": window["kd"] / n,
+                                               "ce": window["ce"] / n if y is not None else None,
+                                               "images_per_s": window["images"] / dt})
+                        window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "n": 0, "images": 0}
+                        t_win = time.perf_counter()
+                bar.close()
+                record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": step,
+                                          "loss": sums["loss"] / max(1, seen), "kd": sums["kd"] / max(1, seen),
+                                          "ce": (sums["ce"] / max(1, seen)) if source.labelled else None,
+                                          "images": seen, "seconds": round(time.perf_counter() - t_epoch, 2)}
+                if rank == 0:
+                    if val_loader is not None:
+                        ev = evaluate(student, val_loader, teacher=tmodel, device=str(dev))
+                        record.update({f"val_{k}": v for k, v in ev.items() if k in ("top1", "top5", "agreement")})
+                    history.append({k: v for k, v in record.items() if k != "event"})
+                    summary = {"epoch": epoch + 1, "step": step, "metrics": history[-1]}
+                    student_recipe = dict(recipe)
+                    student_recipe["finetune"] = summary
+                    student_recipe["data_config"] = remembered_preprocessing(dcfg)  # eval/bench read it back
+                    from .checkpoint import save
 
-        train_model = DDP(student, device_ids=[dev.index] if use_cuda else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-
-    last_good = ckpt_path if ckpt_path.exists() else None
-    try:
-        for epoch in range(start_epoch, n_epochs):
-            _seed_all(_epoch_seed(cfg.seed, epoch, rank))
-            sampler = getattr(loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            train_model.train()
-            tmodel.eval()
-            epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-            bar = _Progress(progress, f"epoch {epoch + 1}/{n_epochs}", epoch_steps)
-            sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-            seen = 0
-            window: dict[str, float] = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "n": 0, "images": 0}
-            t_win = t_epoch = time.perf_counter()
-            for i, batch in enumerate(loader):
-                if i >= epoch_steps:
-                    break
-                x = _batch_input(batch).to(dev, non_blocking=True)
-                y = batch[1].to(dev, non_blocking=True) if source.labelled and isinstance(batch, (tuple, list)) else None
-                if channels_last and x.ndim == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                lr = _lr_at(cfg, step, total_steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
-                    with torch.no_grad():
-                        t_logits = _logits(tmodel(x))
-                    s_logits = _logits(train_model(x))
-                kd = distillation_loss(s_logits, t_logits, cfg.temperature)
-                if y is not None and cfg.kd_weight < 1:
-                    ce = F.cross_entropy(s_logits.float(), y)
-                    loss = cfg.kd_weight * kd + (1 - cfg.kd_weight) * ce
-                else:
-                    ce = None
-                    loss = kd
-                vals = torch.stack([loss.detach(), kd.detach(), ce.detach() if ce is not None else kd.new_zeros(())])
+                    save(student, ckpt_path, recipe=student_recipe, warn_unverified=False)
+                    last_good = ckpt_path
+                    _write_state(state_path, student, opt, {
+                        "epoch": epoch + 1, "step": step, "total_steps": total_steps, "config": cfg.to_json(),
+                        "world_size": world, "history": history, "init": init_info,
+                        "scheduler": {"kind": "cosine-warmup", "step": step, "total_steps": total_steps,
+                                      "warmup_steps": int(round(cfg.warmup * total_steps)), "lr": cfg.lr,
+                                      "min_lr": cfg.min_lr},
+                        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                        "data": source.describe(), "model": model_name,
+                    })
+                    _append_log(log_path, record)
+                    try:
+                        plot_log(log_path, png_path)
+                    except Exception as exc:  # a plot must never lose a run
+                        print(f"pixify: could not draw {png_path}: {exc}", file=sys.stderr, flush=True)
+                    if progress:
+                        msg = f"epoch {epoch + 1}/{n_epochs}: loss {record['loss']:.4f}"
+                        if "val_top1" in record:
+                            msg += f", val top-1 {record['val_top1']:.2f}%"
+                        if "val_agreement" in record:
+                            msg += f", agreement {record['val_agreement']:.2f}%"
+                        print(msg, file=sys.stderr, flush=True)
                 if distributed:
                     import torch.distributed as dist
 
-                    dist.all_reduce(vals)
-                    vals /= world
-                lv, kv, cv = (float(v) for v in vals)
-                if not math.isfinite(lv):
-                    where = f"epoch {epoch + 1}, step {step + 1}"
-                    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-                    raise PixifyError(f"the loss became non-finite ({lv}) at {where}; stopped, {kept}",
-                                      "lower --lr, or check the model and data for inf/nan values")
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                step += 1
-                bs = x.shape[0] * world
-                seen += bs
-                sums["loss"] += lv * bs
-                sums["kd"] += kv * bs
-                sums["ce"] += cv * bs
-                for k, v in (("loss", lv), ("kd", kv), ("ce", cv)):
-                    window[k] += v
-                window["n"] += 1
-                window["images"] += bs
-                bar.update(1, images=bs, loss=lv)
-                if rank == 0 and (step % cfg.log_every == 0 or i == epoch_steps - 1):
-                    dt = max(1e-9, time.perf_counter() - t_win)
-                    n = window["n"]
-                    _append_log(log_path, {"event": "train", "epoch": epoch + 1, "step": step, "lr": lr,
-                                           "loss": window["loss"] / n, "kd": window["kd"] / n,
-                                           "ce": window["ce"] / n if y is not None else None,
-                                           "images_per_s": window["images"] / dt})
-                    window = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "n": 0, "images": 0}
-                    t_win = time.perf_counter()
-            bar.close()
-            record: dict[str, Any] = {"event": "epoch", "epoch": epoch + 1, "step": step,
-                                      "loss": sums["loss"] / max(1, seen), "kd": sums["kd"] / max(1, seen),
-                                      "ce": (sums["ce"] / max(1, seen)) if source.labelled else None,
-                                      "images": seen, "seconds": round(time.perf_counter() - t_epoch, 2)}
-            if rank == 0:
-                if val_loader is not None:
-                    ev = evaluate(student, val_loader, teacher=tmodel, device=str(dev))
-                    record.update({f"val_{k}": v for k, v in ev.items() if k in ("top1", "top5", "agreement")})
-                history.append({k: v for k, v in record.items() if k != "event"})
-                summary = {"epoch": epoch + 1, "step": step, "metrics": history[-1]}
-                student_recipe = dict(recipe)
-                student_recipe["finetune"] = summary
-                student_recipe["data_config"] = remembered_preprocessing(dcfg)  # eval/bench read it back
-                from .checkpoint import save
-
-                save(student, ckpt_path, recipe=student_recipe, warn_unverified=False)
-                last_good = ckpt_path
-                _write_state(state_path, student, opt, {
-                    "epoch": epoch + 1, "step": step, "total_steps": total_steps, "config": cfg.to_json(),
-                    "world_size": world, "history": history, "init": init_info,
-                    "scheduler": {"kind": "cosine-warmup", "step": step, "total_steps": total_steps,
-                                  "warmup_steps": int(round(cfg.warmup * total_steps)), "lr": cfg.lr,
-                                  "min_lr": cfg.min_lr},
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "data": source.describe(), "model": model_name,
-                })
-                _append_log(log_path, record)
-                try:
-                    plot_log(log_path, png_path)
-                except Exception as exc:  # a plot must never lose a run
-                    print(f"pixify: could not draw {png_path}: {exc}", file=sys.stderr, flush=True)
-                if progress:
-                    msg = f"epoch {epoch + 1}/{n_epochs}: loss {record['loss']:.4f}"
-                    if "val_top1" in record:
-                        msg += f", val top-1 {record['val_top1']:.2f}%"
-                    if "val_agreement" in record:
-                        msg += f", agreement {record['val_agreement']:.2f}%"
-                    print(msg, file=sys.stderr, flush=True)
+                    dist.barrier()
+        finally:
             if distributed:
                 import torch.distributed as dist
 
-                dist.barrier()
-    finally:
-        if distributed:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+                if dist.is_initialized():
+                    dist.destroy_process_group()
     student.eval()
     student.pixify_recipe = dict(recipe, finetune={"epoch": n_epochs, "step": step,
                                                    "metrics": history[-1] if history else {}},

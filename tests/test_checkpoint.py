@@ -216,6 +216,6 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(st, "save_model", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(PixifyError, match="cannot write .*disk full"):
         pixify.save(conv, tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
