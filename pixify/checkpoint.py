@@ -83,6 +83,12 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     for key in ("source", "sites"):
         if key not in recipe:
             raise CheckpointError(f"{path}: the recipe lacks '{key}'")
+    from .schema import validate_recipe
+
+    try:
+        validate_recipe(recipe)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc.message}", exc.hint) from None
     recipe["_tensor_names"] = keys
     return recipe
 
@@ -101,6 +107,10 @@ def _load_weights(model: nn.Module, path: str | Path, device: str) -> None:
 
     stored = load_file(str(path), device=device)
     own = model.state_dict()
+    for k, t in stored.items():
+        if k in own and t.dtype != own[k].dtype:
+            raise CheckpointError(f"{Path(path).name}: tensor {k} is stored as {t.dtype}, the model holds "
+                                  f"{own[k].dtype}", "the file was altered or belongs to another model")
     state = OrderedDict(stored)
     tied: dict[tuple, list[str]] = {}
     for name, t in own.items():
@@ -117,6 +127,50 @@ def _load_weights(model: nn.Module, path: str | Path, device: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def _stored_numel(path: str | Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            n = 1
+            for d in f.get_slice(k).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+def _check_size(source, path: str | Path) -> None:
+    """Build the architecture on the meta device (no memory) and refuse one far larger than the checkpoint's
+    own tensors: a recipe's constructor arguments must not make pixify allocate what the file does not hold."""
+    from .sources import build_architecture
+
+    try:
+        with torch.device("meta"):
+            meta = build_architecture(source.library, source.name, source.kwargs, source.pretrained_cfg)
+    except PixifyError as exc:
+        raise CheckpointError(f"{Path(path).name}: {exc.message}", exc.hint) from None
+    except Exception:  # noqa: BLE001 - a constructor that needs real data: judged by the real build below
+        return
+    held = _stored_numel(path)
+    need = sum(t.numel() for t in meta.parameters()) + sum(t.numel() for t in meta.buffers())
+    if need > 2 * held + (1 << 24):
+        raise CheckpointError(f"{Path(path).name}: its recipe builds a model of {need:,} values but the file holds "
+                              f"{held:,}", "the recipe does not belong to these weights")
+
+
+def _device(map_location: Any) -> torch.device:
+    try:
+        dev = torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError):
+        raise PixifyError(f"map_location {map_location!r} is not a device", "use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise PixifyError(f"map_location {map_location!r}: no such CUDA device here", "use 'cpu'")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise PixifyError(f"map_location {map_location!r}: pixify loads onto cpu or cuda", "use 'cpu'")
+    return dev
+
+
 def load(path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the converted model stored in ``path``.
 
@@ -126,6 +180,7 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
     from .rewrite import SiteRecord, apply_sites
     from .sources import Source, rebuild
 
+    dev = _device(map_location)
     recipe = read_recipe(path)
     source = Source.from_json(recipe["source"])
     if model is None:
@@ -134,6 +189,7 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
             raise CheckpointError(f"{Path(path).name} was made from a user module ({source.name})"
                                   + (f" that pixify could not identify: {note}" if note else ""),
                                   f"pass a freshly built one: pixify.load(path, model={source.name.rsplit('.', 1)[-1]}(...))")
+        _check_size(source, path)
         model = rebuild(source, init=False)  # every weight is loaded strictly below
     sites = [SiteRecord.from_json(s) for s in recipe["sites"]]
     try:
@@ -141,7 +197,7 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
     except (ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}: the recipe does not apply to {source.spec}: {exc}") from None
     try:
-        _load_weights(model, path, str(map_location))
+        _load_weights(model, path, str(dev))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise CheckpointError(f"{path}: the weights do not fit the rebuilt model "
