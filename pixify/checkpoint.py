@@ -159,18 +159,6 @@ def _check_size(source, path: str | Path) -> None:
                               f"{held:,}", "the recipe does not belong to these weights")
 
 
-def _device(map_location: Any) -> torch.device:
-    try:
-        dev = torch.device(map_location)
-    except (RuntimeError, TypeError, ValueError):
-        raise PixifyError(f"map_location {map_location!r} is not a device", "use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise PixifyError(f"map_location {map_location!r}: no such CUDA device here", "use 'cpu'")
-    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise PixifyError(f"map_location {map_location!r}: pixify loads onto cpu or cuda", "use 'cpu'")
-    return dev
-
-
 def load(path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the converted model stored in ``path``.
 
@@ -180,7 +168,9 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
     from .rewrite import SiteRecord, apply_sites
     from .sources import Source, rebuild
 
-    dev = _device(map_location)
+    from .validate import check_device
+
+    dev = check_device(map_location, "map_location")
     recipe = read_recipe(path)
     source = Source.from_json(recipe["source"])
     if model is None:

@@ -73,9 +73,9 @@ def _parse_input_size(text: Optional[str]) -> Optional[tuple[int, ...]]:
         dims = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
     except ValueError:
         raise PixifyError(f"--input-size must look like 3,224,224, got '{text}'") from None
-    if not dims or any(d < 1 for d in dims):
-        raise PixifyError(f"--input-size must be positive integers, got '{text}'")
-    return dims
+    from .validate import check_input_size
+
+    return check_input_size(dims)
 
 
 def _parse_kwargs(items: list[str]) -> dict[str, Any]:
@@ -417,8 +417,9 @@ def bench(
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise PixifyError(f"--dtype must be one of {', '.join(dtypes)}, got '{dtype}'")
-    if device not in ("cpu", "cuda"):
-        raise PixifyError(f"--device must be cpu or cuda, got '{device}'")
+    from .validate import check_device
+
+    check_device(device)
     if threads is not None:
         if threads < 1:
             raise PixifyError(f"--threads must be >= 1, got {threads}")
@@ -672,8 +673,26 @@ def eval_cmd(
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: runs the app and turns user errors into one line + exit code 2."""
+    import warnings
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _STATE["debug"] or "--debug" in args
+    # warnings from torch or a model library are held back: printed (one line each) after a command that
+    # succeeds, dropped when it fails, so that an error is always the one line on stderr
+    with warnings.catch_warnings(record=True) as held:
+        code = _dispatch(args, debug)
+    if code == 0:
+        seen = set()
+        for w in held:
+            text = str(w.message).strip().splitlines()
+            line = f"warning: {text[0] if text else w.category.__name__}"
+            if line not in seen:
+                seen.add(line)
+                print(line, file=sys.stderr)
+    return code
+
+
+def _dispatch(args: list[str], debug: bool) -> int:
     try:
         rv = app(args=args, prog_name="pixify", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -699,7 +718,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt as exc:  # writes are atomic: an interrupted command leaves no partial file
         if debug:
             raise
-        print(f"interrupted {exc}" if str(exc) else "interrupted; nothing was written", file=sys.stderr)
+        print(f"interrupted: {exc}" if str(exc) else "interrupted; nothing was written", file=sys.stderr)
         return 130
 
 

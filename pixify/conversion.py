@@ -112,7 +112,13 @@ def _rules_for(mode: str, preset: str | None, rules: Iterable[Rule | str | Path]
     if preset is not None and mode != "squeeze":
         raise PixifyError(f"--preset {preset} is a squeeze-mode configuration", "drop --preset or use --mode squeeze")
     extra, files = [], []
+    if isinstance(rules, (str, Path, Rule)):
+        rules = [rules]
+    if rules is not None and not isinstance(rules, (list, tuple)):
+        raise PixifyError(f"rules must be a list of Rule objects or rules files, got {type(rules).__name__}")
     for r in rules or []:
+        if not isinstance(r, (Rule, str, Path)):
+            raise PixifyError(f"rules must be Rule objects or paths of rules files, got {type(r).__name__}")
         (extra if isinstance(r, Rule) else files).append(r)
     return active_rules(mode, preset, extra=extra, files=files)
 
@@ -120,6 +126,15 @@ def _rules_for(mode: str, preset: str | None, rules: Iterable[Rule | str | Path]
 def _prepare(model: nn.Module, zeta, tau, preset, mode, rules, example_input):
     if not isinstance(model, nn.Module):
         raise PixifyError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise PixifyError(f"{type(model).__name__} is a TorchScript module (scripted or traced); pixify rewrites "
+                          "eager modules", "pass the Python model before torch.jit.script / torch.jit.trace")
+    if isinstance(model, torch.fx.GraphModule):
+        raise PixifyError("the model is a torch.fx GraphModule; pixify rewrites the original module tree",
+                          "pass the model before symbolic tracing")
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        raise PixifyError("the model is on the meta device (it has no weights)",
+                          "materialise it first: model.to_empty(device='cpu'), then load its weights")
     zeta = _check_zeta(zeta)
     tau = _check_tau(tau)
     if preset is not None and zeta != "auto":
@@ -128,6 +143,27 @@ def _prepare(model: nn.Module, zeta, tau, preset, mode, rules, example_input):
     if example_input is None:
         example_input = example_input_for(model)
     return zeta, tau, rule_list, example_input
+
+
+def _calibration_inputs(calibration: Iterable[Any], example: Any) -> list[torch.Tensor]:
+    """The input batches of ``calibration`` (batches or ``(input, target)`` pairs), checked: floating-point
+    tensors shaped like the example input, apart from the batch size."""
+    try:
+        batches = [b[0] if isinstance(b, (tuple, list)) and b else b for b in calibration]
+    except TypeError:
+        raise PixifyError(f"calibration must be an iterable of input batches, got {type(calibration).__name__}") from None
+    if not batches:
+        raise PixifyError("the calibration data is empty")
+    want = tuple(example.shape[1:]) if isinstance(example, torch.Tensor) else None
+    for i, b in enumerate(batches):
+        if not isinstance(b, torch.Tensor) or not b.is_floating_point():
+            raise PixifyError(f"calibration batch {i} is {type(b).__name__}"
+                              + (f" of {b.dtype}" if isinstance(b, torch.Tensor) else "")
+                              + ", not a floating-point tensor", "pass batches of preprocessed images")
+        if want is not None and (b.dim() != len(want) + 1 or tuple(b.shape[1:]) != want or len(b) == 0):
+            raise PixifyError(f"calibration batch {i} has shape {tuple(b.shape)}; the model's example input is "
+                              f"(N, {', '.join(map(str, want))})", "use the model's input size")
+    return batches
 
 
 def _report_base(model, source, mode, zeta, tau, preset, rule_list, analysis: Analysis, example) -> ConversionReport:
@@ -156,10 +192,8 @@ def inspect(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
     if calibration is not None:
         from .recovery import site_costs, site_options, split_batches
 
-        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
-        if not batches:
-            raise PixifyError("the calibration data is empty")
-        fit, held = split_batches(batches)
+        fit, held = split_batches(_calibration_inputs(
+            calibration, example_input if example_input is not None else example_input_for(model)))
         was = model.training
         costs = site_costs(model.eval(), site_options(report.sites), fit, held, progress=progress)
         model.train(was)
@@ -247,16 +281,7 @@ def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, 
     if calibration is not None:
         from .recovery import keep_norm, split_batches
 
-        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in calibration]
-        if not batches:
-            raise PixifyError("the calibration data is empty")
-        try:
-            fit, held = split_batches(batches)
-        except RuntimeError as exc:
-            raise PixifyError(f"calibration batches do not stack: {exc}".splitlines()[0]) from None
-        if tuple(fit[0].shape[1:]) != tuple(example.shape[1:]):
-            raise PixifyError(f"calibration images are {tuple(fit[0].shape[1:])}, the model's example input is "
-                              f"{tuple(example.shape[1:])}", "use the model's input size")
+        fit, held = split_batches(_calibration_inputs(calibration, example))
         if inplace:
             teacher = copy.deepcopy(model)  # the fits need the original
         if budget is not None:

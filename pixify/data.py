@@ -120,8 +120,14 @@ def prepare_data(path: str | Path, *, split: str = "train", dataset: str = "", l
     p = _search_split(p, split)
     top: list[str] = []
     by_class: dict[str, list[str]] = {}
+    visited: dict[tuple[int, int], str] = {}
     for root, dirs, files in os.walk(p, followlinks=True):
         dirs.sort()
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in visited:  # a link back to a folder already read: a loop or a duplicate
+            raise PixifyError(f"{what} folder {p} reaches {visited[(st.st_dev, st.st_ino)]} a second time through "
+                              f"the symbolic link {root}", "remove the link (a loop or a duplicate)")
+        visited[(st.st_dev, st.st_ino)] = root
         imgs = [os.path.join(root, f) for f in sorted(files) if _is_image(f)]
         if not imgs:
             continue

@@ -112,6 +112,16 @@ def _safe_cfg(cfg: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (cfg or {}).items() if k in _SAFE_CFG_KEYS}
 
 
+# what a model constructor raises for arguments it rejects (timm and torchvision check them in many ways)
+_BUILD_ERRORS = (TypeError, ValueError, AssertionError, KeyError, IndexError, AttributeError, NotImplementedError,
+                 ZeroDivisionError, OverflowError, RuntimeError, MemoryError)
+
+
+def _one(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
 def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any],
            cfg: dict[str, Any] | None = None) -> nn.Module:
     if library == "timm":
@@ -132,13 +142,15 @@ def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any],
             except (OSError, RuntimeError, ValueError) as exc:
                 raise PixifyError(f"could not fetch pretrained weights for '{name}' "
                                   f"({type(exc).__name__})", _OFFLINE_HINT) from None
+            except _BUILD_ERRORS as exc:
+                raise PixifyError(f"cannot build '{name}' with {kwargs}: {_one(exc)}") from None
             finally:
                 hc.HF_HUB_OFFLINE = offline_before
         extra = {"pretrained_cfg_overlay": _safe_cfg(cfg)} if cfg else {}
         try:
             return timm.create_model(name, pretrained=False, **extra, **kwargs)
-        except (TypeError, ValueError, AssertionError) as exc:
-            raise PixifyError(f"cannot build '{name}' with {kwargs}: {type(exc).__name__}: {exc}") from None
+        except _BUILD_ERRORS as exc:
+            raise PixifyError(f"cannot build '{name}' with {kwargs}: {_one(exc)}") from None
     if library == "torchvision":
         import torchvision
 
@@ -151,10 +163,12 @@ def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any],
             except (OSError, RuntimeError, ValueError) as exc:
                 raise PixifyError(f"could not fetch pretrained weights for 'torchvision:{name}' "
                                   f"({type(exc).__name__})", _OFFLINE_HINT) from None
+            except _BUILD_ERRORS as exc:
+                raise PixifyError(f"cannot build 'torchvision:{name}' with {kwargs}: {_one(exc)}") from None
         try:
             return torchvision.models.get_model(name, weights=None, **kwargs)
-        except (TypeError, ValueError, AssertionError) as exc:
-            raise PixifyError(f"cannot build 'torchvision:{name}' with {kwargs}: {type(exc).__name__}: {exc}") from None
+        except _BUILD_ERRORS as exc:
+            raise PixifyError(f"cannot build 'torchvision:{name}' with {kwargs}: {_one(exc)}") from None
     raise PixifyError(f"unknown model library '{library}'", "use a timm name or torchvision:NAME")
 
 

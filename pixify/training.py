@@ -411,8 +411,12 @@ def evaluate(model: nn.Module | str | Path, data: Any, teacher: nn.Module | str 
     """
     from .data import DataSource, create_loader, prepare_data, resolve_data_config
 
+    from .validate import check_device
+
+    device = str(check_device(device)) if device is not None else _default_device()
+    if batch_size < 1 or workers < 0:
+        raise PixifyError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
     student, recipe, _ = _load_student(model)
-    device = device or _default_device()
     if isinstance(data, (str, Path, DataSource)):
         source = data if isinstance(data, DataSource) else prepare_data(data, split="val", check_images=check_images,
                                                                           workers=max(1, workers), what="--data")
@@ -670,7 +674,6 @@ def _setup_distributed(device: str | None) -> tuple[bool, str]:
     return True, device
 
 
-
 class _RunFolder:
     """The output folder of one run: created and locked on entry (by the process that owns it), and on an
     error or Ctrl-C before this run wrote its first checkpoint, left exactly as it was found (the files this
@@ -772,6 +775,10 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
     state_path, ckpt_path, log_path, png_path = (out / STATE_NAME, out / CHECKPOINT_NAME, out / LOG_NAME,
                                                  out / PLOT_NAME)
     check_output_dir(out, "--out")
+    if device is not None:
+        from .validate import check_device
+
+        check_device(device)
     state_tensors: dict[str, torch.Tensor] = {}
     state_meta: dict[str, Any] = {}
     fresh_log = False

@@ -1,0 +1,46 @@
+"""Checks of what a user passes before it reaches torch or a model library: devices and input sizes."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .errors import PixifyError
+
+__all__ = ["check_device", "check_input_size", "MAX_INPUT_VALUES"]
+
+MAX_INPUT_VALUES = 1 << 27  # values in one example input (C·H·W): 128 Mi, 512 MiB in float32
+
+
+def check_device(device: Any, what: str = "--device") -> torch.device:
+    """``device`` as a :class:`torch.device` that exists on this machine; else a one-line PixifyError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise PixifyError(f"{what} {device!r} is not a device", "use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PixifyError(f"{what} {device!r}: no CUDA device is available here", "use 'cpu'")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise PixifyError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                              f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type != "cpu":
+        raise PixifyError(f"{what} {device!r}: pixify runs on cpu or cuda", "use 'cpu' or 'cuda'")
+    return dev
+
+
+def check_input_size(dims: Sequence[int] | None, what: str = "--input-size") -> tuple[int, ...] | None:
+    """An example input size (C, H, W) that can be allocated: positive, and at most ``MAX_INPUT_VALUES``."""
+    if dims is None:
+        return None
+    dims = tuple(dims)
+    if not dims or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dims):
+        raise PixifyError(f"{what} must be positive integers, got {dims}")
+    total = 1
+    for d in dims:
+        total *= d
+    if total > MAX_INPUT_VALUES:
+        raise PixifyError(f"{what} {','.join(map(str, dims))} is {total:,} values per image, more than pixify "
+                          f"allocates ({MAX_INPUT_VALUES:,})", "use the model's input size, e.g. 3,224,224")
+    return dims
