@@ -692,9 +692,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     return code
 
 
+def _interruptible(fn):
+    """Keep what an interrupted command says it kept: typer turns Ctrl-C into exit code 130 on its own,
+    dropping the exception and its message."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            _STATE["interrupted"] = str(exc)
+            raise
+
+    return wrapper
+
+
+for _info in app.registered_commands:
+    _info.callback = _interruptible(_info.callback)
+
+
 def _dispatch(args: list[str], debug: bool) -> int:
+    _STATE.pop("interrupted", None)
     try:
         rv = app(args=args, prog_name="pixify", standalone_mode=False)
+        if rv == 130:  # Ctrl-C (writes are atomic: an interrupted command leaves no partial file)
+            said = _STATE.pop("interrupted", "")
+            print(f"interrupted: {said}" if said else "interrupted; nothing was written", file=sys.stderr)
         return rv if isinstance(rv, int) else 0
     except PixifyError as exc:
         if debug:

@@ -17,10 +17,11 @@ __all__ = ["validate_recipe", "FORBIDDEN_KWARGS"]
 #: constructor arguments a recipe may not pass: each makes timm or torchvision read a file, fetch weights
 #: or write a cache (the user can still pass them on their own command line or in Python)
 FORBIDDEN_KWARGS = frozenset({
-    "checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "cache_dir",
-    "weights", "weights_backbone", "progress", "file", "url", "hf_hub_id", "hf_hub_filename", "model_args",
-    "pretrained_model_args",
+    "checkpoint_path", "pretrained", "pretrained_strict", "cache_dir", "weights", "weights_backbone", "progress",
+    "file", "url", "hf_hub_id", "hf_hub_filename", "model_args", "pretrained_model_args",
 })
+#: timm's pretrained-config arguments are allowed with descriptive entries only (never a file, URL or state dict)
+_CFG_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay")
 _LIBRARIES = ("timm", "torchvision", "custom")
 _MODES = ("squeeze", "prune")
 _ACTIONS = ("pure", "hybrid", "prune")
@@ -100,6 +101,11 @@ def _json_data(path: str, v: Any, depth: int = 0) -> None:
     _fail(path, "JSON data", v)
 
 
+def _refuse(path: str) -> None:
+    raise CheckpointError(f"recipe field {path}: refused, it would make the model library read or fetch files; "
+                          "a checkpoint is loaded from its own tensors only")
+
+
 def _source(src: Any) -> None:
     if not isinstance(src, dict):
         _fail("source", "an object", src)
@@ -112,11 +118,20 @@ def _source(src: Any) -> None:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,100}$", k):
             _fail("source.kwargs", "argument names", k)
         if k in FORBIDDEN_KWARGS:
-            raise CheckpointError(f"recipe field source.kwargs.{k}: refused, it would make the model library read "
-                                  "or fetch files; a checkpoint is loaded from its own tensors only")
+            _refuse(f"source.kwargs.{k}")
+        if k in _CFG_KWARGS and not (k == "pretrained_cfg" and isinstance(v, str) and _NAME.match(v)):
+            from .sources import _SAFE_CFG_KEYS
+
+            if not isinstance(v, dict):
+                _fail(f"source.kwargs.{k}", "an object of pretrained-config entries", v)
+            for entry in v:
+                if entry not in _SAFE_CFG_KEYS:
+                    _refuse(f"source.kwargs.{k}.{entry}")
         _json_data(f"source.kwargs.{k}", v)
     _str("source.weights", src.get("weights", "random"), _WEIGHTS)
     _str("source.sha256", src.get("sha256"), _HEX64, optional=True)
+    if str(src.get("weights", "")).startswith("file:") and src.get("sha256") is None:
+        _fail("source.sha256", "the digest of the weights file the recipe names", None)
     _int("source.seed", src.get("seed"), 0, (1 << 63) - 1, optional=True)
     cfg = src.get("pretrained_cfg")
     if cfg is not None:

@@ -331,6 +331,11 @@ def create_model(spec: str, pretrained: bool = True, weights: str | Path | None 
     """
     kwargs = dict(kwargs or {})
     library, name = parse_spec(spec)
+    if key_map is not None:
+        if key_map not in KEY_MAPS:
+            raise PixifyError(f"unknown key map '{key_map}'", f"use one of: {', '.join(KEY_MAPS)}")
+        if weights is None:
+            raise PixifyError("a key map applies to a weights file", "pass --weights FILE, or drop --key-map")
     if weights is not None:
         state = load_weights_file(weights)
         torch.manual_seed(seed)  # a known RNG state for what follows (the example input), as before

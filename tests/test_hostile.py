@@ -1,0 +1,612 @@
+"""Hostile and careless input, table-driven: the CLI, the Python API and tampered checkpoints.
+
+Every case asserts the outcome (exit code 2 or 130, or the PixifyError subclass), that the message is one
+line without a traceback, and that the set of files in the workspace is exactly what it was before (plus,
+for special files such as /dev/null, that they are still what they were)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import pixify
+from pixify.cli import main
+from pixify.errors import CheckpointError, PixifyError
+
+# a tiny timm ResNet, fast to build: the registered resnet50 with one block per stage and narrow widths
+TINY = ["resnet50", "--no-pretrained", "--model-arg", "layers=[1,1,1,1]", "--model-arg", "stem_width=8",
+        "--model-arg", "base_width=8", "--model-arg", "num_classes=4", "--input-size", "3,32,32"]
+TINY_KWARGS = {"layers": [1, 1, 1, 1], "stem_width": 8, "base_width": 8, "num_classes": 4}
+
+
+def _snapshot(root: Path) -> set[str]:
+    out = set()
+    for dirpath, dirs, files in os.walk(root):  # links are listed, not followed
+        for name in dirs + files:
+            out.add(os.path.relpath(os.path.join(dirpath, name), root))
+    return out
+
+
+def _write_images(folder: Path, classes: int | None, n: int = 4, size: int = 32) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(len(str(folder)))
+    for c in range(classes or 1):
+        d = folder / f"c{c}" if classes else folder
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(d / f"{i}.png")
+    return folder
+
+
+def _tamper(src: Path, dst: Path, edit=None, tensors=None) -> Path:
+    """A copy of checkpoint ``src`` whose recipe JSON went through ``edit`` (a function on the dict, or a raw
+    string replacing it) and whose tensors went through ``tensors`` (a function on the dict)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if isinstance(edit, str):
+        meta["pixify"] = edit
+    elif edit is not None:
+        recipe = json.loads(meta["pixify"])
+        edit(recipe)
+        meta["pixify"] = json.dumps(recipe)
+    if tensors is not None:
+        tensors(state)
+    save_file(state, str(dst), metadata=meta)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Shared read-only material: a converted tiny model and its tampered copies, image folders."""
+    root = tmp_path_factory.mktemp("world")
+    ckpt = root / "tiny.safetensors"
+    assert main(["convert", *TINY, "-o", str(ckpt)]) == 0
+    w = {"root": root, "ckpt": ckpt}
+    w["imgs"] = _write_images(root / "imgs", classes=4)
+    w["imgs5"] = _write_images(root / "imgs5", classes=5, n=2)
+    w["flat"] = _write_images(root / "flat", classes=None, n=8)
+    w["empty"] = root / "empty"
+    w["empty"].mkdir()
+    bad = _write_images(root / "badimg", classes=None)
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    w["badimg"] = bad
+    mixed = _write_images(root / "mixed", classes=2)
+    _write_images(mixed, classes=None, n=1)
+    w["mixed"] = mixed
+    loop = _write_images(root / "loop", classes=None)
+    (loop / "again").symlink_to(loop, target_is_directory=True)
+    w["loop"] = loop
+    w["textfile"] = root / "notes.txt"
+    w["textfile"].write_text("hello\n")
+    w["syntax"] = root / "syntax.toml"
+    w["syntax"].write_text('[[rule]]\nname = "x\n')
+    w["key"] = root / "key.toml"
+    w["key"].write_text('[[rule]]\nname = "x"\ndescription = "d"\nmode = "squeeze"\npattern = ["conv2d"]\n'
+                        'colour = "red"\n')
+    w["trunc"] = root / "trunc.safetensors"
+    w["trunc"].write_bytes(ckpt.read_bytes()[:200])
+    from safetensors.torch import save_file
+
+    w["foreign"] = root / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(w["foreign"]))
+    w["evil_pth"] = root / "evil.pth"
+    w["evil_pth"].write_bytes(_evil_pickle())
+    for name, edit in TAMPERED.items():
+        w["t_" + name] = _tamper(ckpt, root / f"t_{name}.safetensors", *edit)
+    return w
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/pixify-pwned",))
+
+
+def _evil_pickle() -> bytes:
+    import io
+    import pickle
+
+    buf = io.BytesIO()
+    pickle.dump({"conv.weight": _Evil()}, buf)
+    return buf.getvalue()
+
+
+def _set(path: str, value):
+    def edit(r):
+        keys = path.split(".")
+        cur = r
+        for k in keys[:-1]:
+            cur = cur[int(k)] if isinstance(cur, list) else cur[k]
+        last = keys[-1]
+        if isinstance(cur, list):
+            cur[int(last)] = value
+        else:
+            cur[last] = value
+    return (edit,)
+
+
+def _drop(path: str):
+    def edit(r):
+        keys = path.split(".")
+        cur = r
+        for k in keys[:-1]:
+            cur = cur[k]
+        del cur[keys[-1]]
+    return (edit,)
+
+
+def _first_float(fn):
+    def tensors(state):
+        k = next(k for k, v in state.items() if v.is_floating_point())
+        state[k] = fn(state[k])
+    return (None, tensors)
+
+
+def _drop_tensor(state):
+    state.pop(next(iter(state)))
+
+
+TAMPERED = {
+    "not_json": ("{not json",),
+    "a_list": ("[1, 2, 3]",),
+    "version_str": _set("format_version", "1"),
+    "version_0": _set("format_version", 0),
+    "version_99": _set("format_version", 99),
+    "no_source": _drop("source"),
+    "library": _set("source.library", "evil"),
+    "name_path": _set("source.name", "../../etc/passwd"),
+    "weights_path": _set("source.weights", "file:/etc/passwd"),
+    "kwarg_checkpoint": _set("source.kwargs.checkpoint_path", "/etc/passwd"),
+    "kwarg_overlay": _set("source.kwargs.pretrained_cfg_overlay", {"file": "/etc/passwd"}),
+    "weights_no_digest": _set("source.weights", "file:original.pth"),
+    "kwarg_cfg_url": _set("source.kwargs.pretrained_cfg", {"url": "https://example.com/w.pth", "num_classes": 4}),
+    "kwarg_huge": _set("source.kwargs.num_classes", 10 ** 9),
+    "kwarg_bad": _set("source.kwargs.no_such_arg", 1),
+    "kwarg_float_nan": ("{\"format\": \"pixify\", \"format_version\": 1, \"source\": {\"library\": \"timm\", "
+                        "\"name\": \"resnet50\", \"kwargs\": {\"drop_rate\": NaN}}, \"sites\": []}",),
+    "sha_bad": _set("source.sha256", "xyz"),
+    "sites_dict": _set("sites", {"a": 1}),
+    "zeta_str": _set("sites.0.zeta", "x"),
+    "zeta_0": _set("sites.0.zeta", 0),
+    "zeta_bool": _set("sites.0.zeta", True),
+    "site_missing_module": _set("sites.0.name", "layer9.0.conv3"),
+    "site_action": _set("sites.0.action", "explode"),
+    "site_c_in": _set("sites.0.c_in", -3),
+    "site_tau": _set("sites.0.tau", 1.5),
+    "site_removed": _set("sites.0.removed", [1, 2]),
+    "site_dup": (lambda r: r["sites"].append(dict(r["sites"][0])),),
+    "data_std": _set("data_config", {"std": [0, 0, 0]}),
+    "input_shape": _set("input_shape", [3, -1, 32]),
+    "dtype_f64": _first_float(lambda t: t.double()),
+    "shape": _first_float(lambda t: t.flatten()[:1].clone()),
+    "missing_tensor": (None, _drop_tensor),
+}
+
+E = "error"  # CLI: exit 2 and one line starting with "error: "
+
+# (id, argv with {placeholders}, needle in the error line)
+CLI_CASES = [
+    ("unknown-model", ["convert", "resnet5000"], "unknown model"),
+    ("unknown-tv-model", ["convert", "torchvision:resnet5000"], "unknown torchvision model"),
+    ("zeta-0", ["convert", *TINY, "--zeta", "0"], "zeta must be"),
+    ("zeta-neg", ["convert", *TINY, "--zeta", "-1"], "zeta must be"),
+    ("zeta-frac", ["convert", *TINY, "--zeta", "1.5"], "zeta must be"),
+    ("zeta-word", ["convert", *TINY, "--zeta", "x"], "zeta must be"),
+    ("tau-big", ["convert", *TINY, "--tau", "1.2"], "tau must be"),
+    ("tau-0", ["convert", *TINY, "--tau", "0"], "tau must be"),
+    ("tau-nan", ["convert", *TINY, "--tau", "nan"], "tau must be"),
+    ("rules-syntax", ["convert", *TINY, "--rules", "{syntax}"], "syntax.toml:2"),
+    ("rules-key", ["convert", *TINY, "--rules", "{key}"], "unknown key 'colour'"),
+    ("rules-missing", ["convert", *TINY, "--rules", "{root}/nope.toml"], "nope.toml"),
+    ("rules-dir", ["convert", *TINY, "--rules", "{root}"], ""),
+    ("inspect-trunc", ["inspect", "{trunc}"], "not a readable safetensors"),
+    ("inspect-foreign", ["inspect", "{foreign}"], "not a pixify checkpoint"),
+    ("convert-a-file", ["convert", "{foreign}"], "is a file"),
+    ("mode", ["convert", *TINY, "--mode", "sideways"], "unknown mode"),
+    ("preset", ["convert", *TINY, "--preset", "nonsense"], "unknown preset"),
+    ("preset-zeta", ["convert", *TINY, "--preset", "paper", "--zeta", "2"], "fixes ζ"),
+    ("input-size-word", ["convert", "resnet50", "--no-pretrained", "--input-size", "3,a"], "--input-size"),
+    ("input-size-0", ["convert", "resnet50", "--no-pretrained", "--input-size", "0,32,32"], "--input-size"),
+    ("input-size-huge", ["convert", "resnet50", "--no-pretrained", "--input-size", "3,100000,100000"],
+     "more than pixify allocates"),
+    ("model-arg-form", ["convert", *TINY, "--model-arg", "oops"], "KEY=VALUE"),
+    ("model-arg-unknown", ["convert", *TINY, "--model-arg", "no_such_arg=1"], "cannot build"),
+    ("model-arg-type", ["convert", "resnet50", "--no-pretrained", "--model-arg", "layers=\"x\""], "cannot build"),
+    ("model-arg-zero", ["convert", "resnet50", "--no-pretrained", "--model-arg", "cardinality=0"],
+     "cannot build"),
+    ("model-arg-assert", ["convert", "resnet50", "--no-pretrained", "--model-arg", "output_stride=7"],
+     "cannot build"),
+    ("model-arg-in-chans", ["convert", "resnet50", "--no-pretrained", "--model-arg", "in_chans=0",
+                            "--input-size", "3,32,32"], "does not run on the example input"),
+    ("tv-model-arg", ["convert", "torchvision:resnet18", "--no-pretrained", "--model-arg", "no_such_arg=1"],
+     "cannot build"),
+    ("tv-model-arg-negative", ["convert", "torchvision:resnet18", "--no-pretrained", "--model-arg",
+                               "num_classes=-1"], "cannot build"),
+    ("out-missing-parent", ["convert", *TINY, "-o", "{work}/nope/x.safetensors"], "does not exist"),
+    ("out-dev-null", ["convert", *TINY, "-o", "/dev/null"], "/dev"),
+    ("out-directory", ["convert", *TINY, "-o", "{work}/adir"], "a folder"),
+    ("out-fifo", ["convert", *TINY, "-o", "{work}/fifo"], "a FIFO"),
+    ("out-socket", ["convert", *TINY, "-o", "{work}/sock"], "a socket"),
+    ("out-proc", ["convert", *TINY, "-o", "/proc/self/comm"], "/proc"),
+    ("out-sys", ["convert", *TINY, "-o", "/sys/kernel/pixify.safetensors"], "/sys"),
+    ("out-symlink", ["convert", *TINY, "-o", "{work}/link.safetensors"], "symbolic link"),
+    ("out-parent-is-file", ["convert", *TINY, "-o", "{work}/afile/x.safetensors"], "is a file"),
+    ("data-missing", ["convert", *TINY, "--data", "{root}/nope"], "does not exist"),
+    ("data-empty", ["convert", *TINY, "--data", "{empty}"], "holds no images"),
+    ("data-file", ["convert", *TINY, "--data", "{textfile}"], "is a file"),
+    ("data-corrupt", ["convert", *TINY, "--data", "{badimg}"], "broken.png"),
+    ("data-loop", ["convert", *TINY, "--data", "{loop}"], "symbolic link"),
+    ("data-mixed", ["convert", *TINY, "--data", "{mixed}"], "mixes images"),
+    ("calib-images-1", ["convert", *TINY, "--data", "{flat}", "--calib-images", "1"], "at least 2"),
+    ("budget-word", ["convert", *TINY, "--data", "{flat}", "--budget", "fast"], "budget"),
+    ("budget-no-data", ["convert", *TINY, "--budget", "agreement=90"], "needs --data"),
+    ("std-0", ["convert", *TINY, "--data", "{flat}", "--std", "0"], "std"),
+    ("std-neg", ["convert", *TINY, "--data", "{flat}", "--std", "-1,1,1"], "std"),
+    ("interpolation", ["convert", *TINY, "--data", "{flat}", "--interpolation", "wobble"], "interpolation"),
+    ("crop-pct-0", ["convert", *TINY, "--data", "{flat}", "--crop-pct", "0"], "crop"),
+    ("crop-pct-big", ["convert", *TINY, "--data", "{flat}", "--crop-pct", "1.5"], "crop"),
+    ("mean-words", ["convert", *TINY, "--data", "{flat}", "--mean", "a,b"], "mean"),
+    ("key-map", ["convert", *TINY, "--key-map", "alphabetical"], "unknown key map"),
+    ("key-map-no-weights", ["convert", *TINY, "--key-map", "positional"], "applies to a weights file"),
+    ("weights-missing", ["convert", *TINY, "--weights", "{root}/nope.pth"], "not found"),
+    ("weights-foreign", ["convert", *TINY, "--weights", "{foreign}"], "missing"),
+    ("weights-pickle", ["convert", *TINY, "--weights", "{evil_pth}"], "weights"),
+    ("inspect-missing", ["inspect", "{root}/nope.safetensors"], "not found"),
+    ("ft-missing-ckpt", ["finetune", "{root}/nope.safetensors", "--data", "{imgs}"], "not found"),
+    ("ft-data-missing", ["finetune", "{ckpt}", "--data", "{root}/nope", "-o", "{work}/run"], "not found"),
+    ("ft-out-file", ["finetune", "{ckpt}", "--data", "{imgs}", "-o", "{work}/afile"], "is a file"),
+    ("ft-out-parent", ["finetune", "{ckpt}", "--data", "{imgs}", "-o", "{work}/nope/run"], "does not exist"),
+    ("ft-out-proc", ["finetune", "{ckpt}", "--data", "{imgs}", "-o", "/proc/pixify-run"], "/proc"),
+    ("ft-epochs-0", ["finetune", "{ckpt}", "--data", "{imgs}", "--epochs", "0", "-o", "{work}/run"], "--epochs"),
+    ("ft-lr-neg", ["finetune", "{ckpt}", "--data", "{imgs}", "--lr", "-1", "-o", "{work}/run"], "--lr"),
+    ("ft-lr-nan", ["finetune", "{ckpt}", "--data", "{imgs}", "--lr", "nan", "-o", "{work}/run"], "--lr"),
+    ("ft-batch-0", ["finetune", "{ckpt}", "--data", "{imgs}", "-b", "0", "-o", "{work}/run"], "--batch-size"),
+    ("ft-workers-neg", ["finetune", "{ckpt}", "--data", "{imgs}", "-j", "-1", "-o", "{work}/run"], "--workers"),
+    ("ft-device-absent", ["finetune", "{ckpt}", "--data", "{imgs}", "--device", "cuda:7", "-o", "{work}/run"],
+     "cuda:7"),
+    ("ft-device-word", ["finetune", "{ckpt}", "--data", "{imgs}", "--device", "banana", "-o", "{work}/run"],
+     "not a device"),
+    ("ft-resume-nothing", ["finetune", "{ckpt}", "--data", "{imgs}", "--resume", "-o", "{work}/adir"],
+     "nothing to resume"),
+    ("ft-existing-run", ["finetune", "{ckpt}", "--data", "{imgs}", "-o", "{work}/oldrun"], "already holds"),
+    ("ft-teacher-missing", ["finetune", "{ckpt}", "--data", "{imgs}", "--teacher", "{root}/nope.pth",
+                            "-o", "{work}/run"], "nope.pth"),
+    ("ft-kd-weight", ["finetune", "{ckpt}", "--data", "{imgs}", "--kd-weight", "2", "-o", "{work}/run"],
+     "--kd-weight"),
+    ("ft-temperature", ["finetune", "{ckpt}", "--data", "{imgs}", "-T", "0", "-o", "{work}/run"],
+     "--temperature"),
+    ("ft-classes", ["finetune", "{ckpt}", "--data", "{imgs5}", "-o", "{work}/run"], "class"),
+    ("ft-optimizer", ["finetune", "{ckpt}", "--data", "{imgs}", "--optimizer", "magic", "-o", "{work}/run"],
+     "optimizer"),
+    ("eval-device", ["eval", "{ckpt}", "--data", "{imgs}", "--device", "banana"], "not a device"),
+    ("eval-batch-0", ["eval", "{ckpt}", "--data", "{imgs}", "-b", "0"], "batch"),
+    ("eval-data-missing", ["eval", "{ckpt}", "--data", "{root}/nope"], "not found"),
+    ("bench-cuda", ["bench", "{ckpt}", "--device", "cuda:3"], "cuda"),
+    ("bench-dtype", ["bench", "{ckpt}", "--dtype", "float8"], "--dtype"),
+    ("bench-threads", ["bench", "{ckpt}", "--threads", "0"], "--threads"),
+    ("bench-batch", ["bench", "{ckpt}", "--batch-size", "x"], "batch"),
+] + [(f"tampered-{name}", ["inspect", "{t_" + name + "}"], "") for name in TAMPERED] + [
+    ("eval-tampered-std", ["eval", "{t_data_std}", "--data", "{imgs}"], "data_config.std"),
+]
+
+
+def _workspace(tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "adir").mkdir()
+    (work / "afile").write_text("x")
+    os.mkfifo(work / "fifo")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(work / "sock"))
+    s.close()
+    (work / "target.safetensors").write_bytes(b"keep me")
+    (work / "link.safetensors").symlink_to(work / "target.safetensors")
+    (work / "oldrun").mkdir()
+    (work / "oldrun" / "checkpoint.safetensors").write_bytes(b"an earlier run")
+    return work
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli_hostile_input(case, world, tmp_path, capsys, monkeypatch):
+    _, argv, needle = case
+    work = _workspace(tmp_path)
+    monkeypatch.chdir(work)
+    subst = {k: str(v) for k, v in world.items()}
+    subst["work"] = str(work)
+    argv = [a.format(**subst) if "{" in a else a for a in argv]
+    before = _snapshot(work)
+    dev_null = os.stat("/dev/null").st_mode
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert rc == 2, (rc, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    assert needle in lines[0], lines[0]
+    assert _snapshot(work) == before
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode) and os.stat("/dev/null").st_mode == dev_null
+    assert (work / "target.safetensors").read_bytes() == b"keep me"
+    assert not Path("/tmp/pixify-pwned").exists()
+
+
+# ------------------------------------------------------------------------------------------------ API
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.b = torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).mean((2, 3))
+
+
+def _api_cases():
+    x = torch.randn(1, 3, 16, 16)
+
+    def meta():
+        with torch.device("meta"):
+            return _Net()
+
+    return [
+        ("script", lambda w: pixify.convert(torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1))),
+                                            example_input=x), PixifyError, "TorchScript"),
+        ("traced", lambda w: pixify.convert(torch.jit.trace(_Net(), x), example_input=x), PixifyError, "TorchScript"),
+        ("graph-module", lambda w: pixify.convert(torch.fx.symbolic_trace(_Net()), example_input=x), PixifyError,
+         "GraphModule"),
+        ("meta", lambda w: pixify.convert(meta(), example_input=x), PixifyError, "meta device"),
+        ("not-a-module", lambda w: pixify.convert("resnet50"), PixifyError, "nn.Module"),
+        ("zeta-0", lambda w: pixify.convert(_Net(), zeta=0, example_input=x), PixifyError, "zeta"),
+        ("tau-1", lambda w: pixify.convert(_Net(), tau=1.0, example_input=x), PixifyError, "tau"),
+        ("calib-shape", lambda w: pixify.convert(_Net(), example_input=x, calibration=[torch.randn(4, 3, 8, 8)]),
+         PixifyError, "shape"),
+        ("calib-ints", lambda w: pixify.convert(_Net(), example_input=x, calibration=[torch.ones(4, 3, 16, 16,
+                                                                                                 dtype=torch.long)]),
+         PixifyError, "floating-point"),
+        ("calib-not-tensor", lambda w: pixify.convert(_Net(), example_input=x, calibration=["img.png"]),
+         PixifyError, "tensor"),
+        ("calib-empty", lambda w: pixify.convert(_Net(), example_input=x, calibration=[]), PixifyError, "empty"),
+        ("calib-not-iterable", lambda w: pixify.convert(_Net(), example_input=x, calibration=5), PixifyError,
+         "iterable"),
+        ("inspect-calib-shape", lambda w: pixify.inspect(_Net(), example_input=x,
+                                                         calibration=[torch.randn(4, 3, 8, 8)]),
+         PixifyError, "shape"),
+        ("rules-int", lambda w: pixify.convert(_Net(), rules=5, example_input=x), PixifyError, "rules"),
+        ("rules-list-int", lambda w: pixify.convert(_Net(), rules=[5], example_input=x), PixifyError, "rules"),
+        ("rules-missing-file", lambda w: pixify.convert(_Net(), rules="nope.toml", example_input=x), PixifyError,
+         "nope.toml"),
+        ("budget-no-calib", lambda w: pixify.convert(_Net(), budget="agreement=90", example_input=x), PixifyError,
+         "calibration"),
+        ("load-map-location-cuda", lambda w: pixify.load(w["ckpt"], map_location="cuda:9"), PixifyError,
+         "map_location"),
+        ("load-map-location-word", lambda w: pixify.load(w["ckpt"], map_location="banana"), PixifyError,
+         "map_location"),
+        ("load-missing", lambda w: pixify.load(w["root"] / "nope.safetensors"), CheckpointError, "not found"),
+        ("load-trunc", lambda w: pixify.load(w["trunc"]), CheckpointError, "safetensors"),
+        ("load-kwarg-checkpoint", lambda w: pixify.load(w["t_kwarg_checkpoint"]), CheckpointError,
+         "source.kwargs.checkpoint_path"),
+        ("load-kwarg-overlay", lambda w: pixify.load(w["t_kwarg_overlay"]), CheckpointError,
+         "pretrained_cfg_overlay.file"),
+        ("load-weights-no-digest", lambda w: pixify.load(w["t_weights_no_digest"]), CheckpointError,
+         "source.sha256"),
+        ("load-kwarg-cfg-url", lambda w: pixify.load(w["t_kwarg_cfg_url"]), CheckpointError,
+         "pretrained_cfg.url"),
+        ("load-huge", lambda w: pixify.load(w["t_kwarg_huge"]), CheckpointError, "file holds"),
+        ("load-dtype", lambda w: pixify.load(w["t_dtype_f64"]), CheckpointError, "torch.float64"),
+        ("load-zeta", lambda w: pixify.load(w["t_zeta_str"]), CheckpointError, "sites[0].zeta"),
+        ("save-no-recipe", lambda w: pixify.save(_Net(), w["work"] / "x.safetensors"), PixifyError, "recipe"),
+        ("save-dev-null", lambda w: pixify.save(pixify.convert(_Net(), example_input=x)[0], "/dev/null"),
+         PixifyError, "/dev"),
+        ("save-directory", lambda w: pixify.save(pixify.convert(_Net(), example_input=x)[0], w["work"] / "adir"),
+         PixifyError, "a folder"),
+        ("finetune-out-file", lambda w: pixify.finetune(w["ckpt"], w["imgs"], out=w["work"] / "afile"),
+         PixifyError, "is a file"),
+    ]
+
+
+API_CASES = _api_cases()
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_hostile_input(case, world, tmp_path, monkeypatch):
+    _, call, kind, needle = case
+    work = _workspace(tmp_path)
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    with pytest.raises(kind) as info:
+        call(dict(world, work=work))
+    msg = str(info.value)
+    assert "\n" not in msg and needle in msg, msg
+    assert _snapshot(work) == before
+
+
+def test_at_least_eighty_distinct_cases():
+    ids = [c[0] for c in CLI_CASES] + [c[0] for c in API_CASES] + ["disk-full", "interrupt-convert",
+                                                                   "interrupt-finetune", "lock", "sigint"]
+    assert len(ids) >= 80
+
+
+# ---------------------------------------------------------------------------- file-system behaviour
+
+def test_disk_full_is_one_line_and_leaves_nothing(world, tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        rc = main(["convert", *TINY, "-o", str(mnt / "m.safetensors")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_new_files_get_the_umask_mode_and_replaced_files_keep_theirs(tmp_path, capsys):
+    old = os.umask(0o027)
+    try:
+        out = tmp_path / "m.safetensors"
+        assert main(["convert", *TINY, "-o", str(out)]) == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o640
+        os.chmod(out, 0o604)
+        assert main(["convert", *TINY, "-o", str(out)]) == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o604
+    finally:
+        os.umask(old)
+
+
+def test_stale_temporaries_of_dead_runs_are_removed(tmp_path, capsys):
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(proc.stdout)
+    stale = tmp_path / f".m.safetensors.pixify-{dead}-abc.tmp"
+    stale.write_bytes(b"half")
+    mine = tmp_path / f".m.safetensors.pixify-{os.getpid()}-xyz.tmp"  # a live process's: left alone
+    mine.write_bytes(b"busy")
+    assert main(["convert", *TINY, "-o", str(tmp_path / "m.safetensors")]) == 0
+    assert not stale.exists() and mine.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.safetensors", mine.name])
+
+
+def test_interrupted_convert_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import safetensors.torch as st
+
+    def interrupt(*a, **k):
+        Path(a[1]).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "save_model", interrupt)
+    rc = main(["convert", *TINY, "-o", str(tmp_path / "m.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err == ["interrupted; nothing was written"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_finetune_before_its_first_checkpoint_leaves_nothing(world, tmp_path, capsys, monkeypatch):
+    import pixify.training as tr
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "distillation_loss", interrupt)
+    rc = main(["finetune", str(world["ckpt"]), "--data", str(world["imgs"]), "-o", str(tmp_path / "run"),
+               "--calib-images", "0", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and err == ["interrupted: before the first checkpoint; nothing was kept"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_after_the_first_checkpoint_keeps_the_run(world, tmp_path, capsys, monkeypatch):
+    import pixify.training as tr
+
+    real = tr.distillation_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 2:  # 16 images, batch 8: two steps per epoch, so the third is in epoch 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "distillation_loss", flaky)
+    run = tmp_path / "run"
+    rc = main(["finetune", str(world["ckpt"]), "--data", str(world["imgs"]), "-o", str(run), "--epochs", "2",
+               "-b", "8", "--calib-images", "0", "-q", "--no-check-images"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and len(err) == 1 and "continue with --resume" in err[0], err
+    assert {"checkpoint.safetensors", "state.safetensors", "log.jsonl"} <= {p.name for p in run.iterdir()}
+
+
+def test_one_run_per_output_folder(world, tmp_path, capsys):
+    from pixify.outputs import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunLock(run):
+        rc = main(["finetune", str(world["ckpt"]), "--data", str(world["imgs"]), "-o", str(run), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "another pixify run is writing to" in err[0], err
+    assert list(run.iterdir()) == []
+    # the lock of a killed process goes with it
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pixify.outputs import RunLock; "
+                               f"RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(PixifyError, match="another pixify run"):
+            RunLock(run).acquire()
+        holder.kill()
+        holder.wait()
+        RunLock(run).acquire().release()
+    finally:
+        holder.kill()
+
+
+def test_ctrl_c_in_a_real_process(world, tmp_path):
+    """SIGINT to a running `pixify finetune`: one line, exit 130, and no run folder left."""
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pixify", "finetune", str(world["ckpt"]), "--data",
+                             str(world["imgs"]), "-o", str(run), "--steps", "100000", "-b", "2", "--calib-images", "0",
+                             "-q", "--no-check-images"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "log.jsonl").exists():
+        time.sleep(0.2)
+    assert (run / "log.jsonl").exists(), "the run never started"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert proc.returncode == 130, err
+    assert len(lines) == 1 and lines[0].startswith("interrupted"), err
+    assert "Traceback" not in err
+    assert not run.exists() or (run / "checkpoint.safetensors").exists()
+
+
+def test_library_warnings_before_an_error_do_not_push_it_past_one_line(tmp_path, capsys, monkeypatch):
+    import warnings
+
+    import pixify.conversion as conv
+
+    def warn_then_fail(*a, **k):
+        warnings.warn("a torch warning\nover two lines", UserWarning)
+        raise PixifyError("the real problem")
+
+    monkeypatch.setattr(conv, "convert_named", warn_then_fail)
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", *TINY]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: the real problem"]
+
+    def warn_then_interrupt(*a, **k):
+        warnings.warn("a torch warning\nover two lines", UserWarning)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "convert_named", warn_then_interrupt)
+    assert main(["convert", *TINY]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted; nothing was written"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_descriptive_pretrained_cfg_entries_still_load(world, tmp_path):
+    """Refusing file-reading constructor arguments must not refuse the descriptive ones users pass."""
+    ok = _tamper(world["ckpt"], tmp_path / "ok.safetensors",
+                 *_set("source.kwargs.pretrained_cfg_overlay", {"input_size": [3, 32, 32], "mean": [0.5] * 3}))
+    model = pixify.load(ok)
+    assert model.pixify_recipe["source"]["kwargs"]["pretrained_cfg_overlay"]["input_size"] == [3, 32, 32]
