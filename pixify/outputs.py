@@ -84,8 +84,17 @@ def check_output_file(path: str | Path, what: str = "output path", hint: str = "
     if not parent.is_dir():
         raise PixifyError(f"the folder of {what} {path} is not a folder", hint)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PixifyError(f"cannot write {what} {path}: permission denied in {parent}", hint)
+        raise PixifyError(f"cannot write {what} {path}: {_why_not_writable(parent)}", hint)
     return p
+
+
+def _why_not_writable(folder: Path) -> str:
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return f"{folder} is on a read-only file system"
+    except OSError:
+        pass
+    return f"permission denied in {folder}"
 
 
 def check_output_dir(path: str | Path, what: str = "--out") -> Path:
@@ -103,9 +112,9 @@ def check_output_dir(path: str | Path, what: str = "--out") -> Path:
         if not p.parent.is_dir():
             raise PixifyError(f"the parent of {what} {path} is not a folder", hint)
         if not os.access(p.parent, os.W_OK | os.X_OK):
-            raise PixifyError(f"cannot create {what} {path}: permission denied in {p.parent}", hint)
+            raise PixifyError(f"cannot create {what} {path}: {_why_not_writable(p.parent)}", hint)
     elif not os.access(p, os.W_OK | os.X_OK):
-        raise PixifyError(f"cannot write into {what} {path}: permission denied", hint)
+        raise PixifyError(f"cannot write into {what} {path}: {_why_not_writable(p)}", hint)
     return p
 
 

@@ -443,7 +443,7 @@ def test_at_least_eighty_distinct_cases():
 
 # ---------------------------------------------------------------------------- file-system behaviour
 
-def test_disk_full_is_one_line_and_leaves_nothing(world, tmp_path, capsys):
+def test_disk_full_and_read_only_are_one_line_and_leave_nothing(world, tmp_path, capsys):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mnt = tmp_path / "small"
@@ -454,6 +454,12 @@ def test_disk_full_is_one_line_and_leaves_nothing(world, tmp_path, capsys):
         rc = main(["convert", *TINY, "-o", str(mnt / "m.safetensors")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
+        assert list(mnt.iterdir()) == []
+        # the same file system read-only: root's permission bits do not help, the write itself fails
+        assert subprocess.run(["mount", "-o", "remount,ro", str(mnt)]).returncode == 0
+        rc = main(["convert", *TINY, "-o", str(mnt / "m.safetensors")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "read-only file system" in err[0], err
         assert list(mnt.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
