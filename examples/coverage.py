@@ -1,4 +1,4 @@
-"""Print pixify's model-zoo coverage table (issue 5).
+"""Print pixify's model-zoo coverage table.
 
 Every torchvision classification model and one small model per timm module, converted in squeeze and in
 prune mode; each conversion is checked end to end (forward + backward with the right output shape, then a
@@ -13,7 +13,7 @@ with its reason.
     python examples/coverage.py --from-json coverage.json   # print a saved run again
     python examples/coverage.py --smallest           # recompute the smallest model of every timm module
 
-Random weights (no downloads); see ``pixify/zoo.py`` for the input sizes, kwargs and exclusions.
+Random weights (no downloads); see ``tests/zoo.py`` for the input sizes, kwargs and exclusions.
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ import math
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from pixify import zoo
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import zoo  # noqa: E402 - the sweep's model lists live with the tests
 
 
 def _fmt_ratio(x: float) -> str:

@@ -1,4 +1,4 @@
-"""Recovery fine-tuning on real data: Fashion-MNIST (SPEC §5, issue 3).
+"""Recovery fine-tuning on real data: Fashion-MNIST.
 
 1. Writes Debian's Fashion-MNIST (``apt-get install dataset-fashion-mnist``; IDX files under
    /usr/share/datasets/fashion-mnist) as ImageFolder trees of PNGs: WORK/train (60,000) and WORK/test (10,000).

@@ -1,4 +1,4 @@
-"""Benchmarks (SPEC §7): converted vs original in one process, as ratios.
+"""Benchmarks: converted vs original in one process, as ratios.
 
 Timed runs of the two models alternate round by round (after a warm-up), so that drift in the machine's
 load hits both alike; each latency is the median over rounds and the ratio is the median of the per-round

@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §4): one ``.safetensors`` file, weights plus the conversion recipe as JSON metadata.
+"""Checkpoints: one ``.safetensors`` file, weights plus the conversion recipe as JSON metadata.
 
 Loading rebuilds the source architecture, re-applies the recipe's sites and loads the weights with
 ``strict=True``. Nothing is ever unpickled. Writes go to a temporary file in the same folder and are

@@ -409,7 +409,7 @@ def bench(
                                "every run, as with jemalloc/tcmalloc; system: the process's defaults"),
     as_json: bool = typer.Option(False, "--json", help="print the results as JSON"),
 ) -> None:
-    """Time the converted model against the original in one process (ratios; SPEC §7)."""
+    """Time the converted model against the original in one process (as ratios)."""
     import torch
 
     from .bench import BenchReport, bench_models, bench_op, tune_malloc

@@ -27,7 +27,7 @@ from .sources import Source
 
 __all__ = ["ConversionReport", "convert", "convert_named", "inspect", "recalibrate_batchnorm"]
 
-MODES = ("squeeze", "prune")  # SPEC §3.2
+MODES = ("squeeze", "prune")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Data for fine-tuning and evaluation (SPEC §5), through timm's pipeline.
+"""Data for fine-tuning and evaluation, through timm's pipeline.
 
 ``prepare_data`` validates a data folder up front (it exists, holds images, every image decodes), tells
 labelled ImageFolder trees (one sub-folder per class) from flat folders of unlabelled images, and

@@ -1,4 +1,4 @@
-"""Graph capture and rule matching (SPEC §3.1, §3.3).
+"""Graph capture and rule matching.
 
 The model is traced with torch.fx (timm's no-trace registries and torchvision's leaf defaults), shapes
 are propagated on an example input, and the rules are matched against the graph. The graph is only for
@@ -13,7 +13,7 @@ Two kinds of parts are analysed on their own graphs:
   are traced separately (recursively), each with the input it received in one forward pass of the whole
   model. Every part that could not be analysed is reported with the tracer's reason.
 
-Prune points (SPEC §3.2) need to know where a layer's input comes from: :func:`_from_act` walks back
+Prune points need to know where a layer's input comes from: :func:`_from_act` walks back
 from the layer through ops that keep the channels (dropout, identity, pooling, padding, channel gates,
 concatenations) and answers whether an activation produced it.
 """

@@ -1,4 +1,4 @@
-"""The Pick-or-Mix (PiX) operator (SPEC section 2).
+"""The Pick-or-Mix (PiX) operator.
 
 Input ``x`` has a batch dimension 0 and a channel dimension ``channel_dim`` of size ``C``; every other
 dimension is "spatial" (``H×W`` for NCHW, ``L`` for ``N×L×C`` tokens).  With a sampling factor ``zeta``

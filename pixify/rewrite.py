@@ -1,4 +1,4 @@
-"""Rewriting: decide ζ at every matched site, then swap modules by qualified name (SPEC §3.2, §3.4).
+"""Rewriting: decide ζ at every matched site, then swap modules by qualified name.
 
 Squeeze mode: a *pure* site replaces the anchor layer by PiX (its norm and activation become
 ``nn.Identity``). A *hybrid* site puts PiX(ζ) in front of the anchor layer shrunk to ``ceil(C_in/ζ)``
@@ -12,7 +12,7 @@ MACs drop by ζ) and ``--zeta auto`` means the rule's ``auto_zeta`` (2 by defaul
 kernel, stride, padding and output channels, so whatever reads its output (residual adds,
 concatenations, grouped convolutions) sees the same shapes as before.
 
-Initialisation (SPEC §3.4): φ starts at zero, so every probability is ``sigmoid(0) = 0.5 = τ`` and every
+Initialisation: φ starts at zero, so every probability is ``sigmoid(0) = 0.5 = τ`` and every
 group *mixes* (a mean) on the first forward pass. The folded layer of a hybrid site divides that known
 0.5 back out, so it computes ``Σ_c W_c · mean(subset)`` — exactly the original layer whenever the channels
 of a subset agree, and its best channel-blind approximation otherwise. A random φ would instead flip

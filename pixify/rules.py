@@ -1,4 +1,4 @@
-"""Rules as data: loading, validating and registering the TOML pattern rules (SPEC §3.3).
+"""Rules as data: loading, validating and registering the TOML pattern rules.
 
 A rule names an anchor layer kind and optional followers (``pattern``), and the conditions under which
 the anchor is a site. The rules shipped with pixify live in the top-level ``rules/`` folder (installed as

@@ -1,7 +1,7 @@
 """Model sources: timm names, ``torchvision:NAME``, ``hf-hub:...``, weight files, and the user's own modules.
 
 A :class:`Source` records how to rebuild the original architecture and where its weights came from, so
-that a checkpoint can rebuild the model (SPEC §4) and fine-tuning can rebuild the teacher (SPEC §5).
+that a checkpoint can rebuild the model and fine-tuning can rebuild the teacher.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Recovery fine-tuning (SPEC §5): distil the original model into its converted copy.
+"""Recovery fine-tuning: distil the original model into its converted copy.
 
 ``finetune(model, data)`` = validate everything → (fresh run) initialise the converted layers from the
 teacher (least-squares refit, see :func:`refit_from_teacher`) and re-estimate batch-norm statistics →
 train with knowledge distillation (KL at a temperature, plus cross-entropy when the data has labels) on a
 cosine schedule with linear warm-up → after every epoch write, atomically and on rank 0 only:
 
-- ``OUT/checkpoint.safetensors``: a pixify checkpoint (weights + recipe, SPEC §4), loadable by
+- ``OUT/checkpoint.safetensors``: a pixify checkpoint (weights + recipe), loadable by
   ``pixify.load``; its recipe gains a ``finetune`` entry (epoch, step, metrics);
 - ``OUT/state.safetensors``: what ``resume=True`` needs to continue exactly: the model weights, the
   optimizer's tensors, the schedule position, the grad-scaler, the configuration and the history
@@ -291,7 +291,7 @@ def _consumer_of(model: nn.Module, pix: nn.Module, example: torch.Tensor) -> lis
 @torch.no_grad()
 def refit_from_teacher(student: nn.Module, teacher: nn.Module, batches: Sequence[torch.Tensor],
                        ridge: float = 1e-3, max_rows: int = 16384) -> list[dict[str, Any]]:
-    """Least-squares initialisation of the layers that read PiX outputs (SPEC §3.4).
+    """Least-squares initialisation of the layers that read PiX outputs.
 
     For every PiX module, in forward order, the Conv2d/Linear that consumes its output — the folded layer
     of a hybrid site, or the next layer after a pure site (found by following the very output tensor

@@ -1,4 +1,4 @@
-"""Per-submodule fallback (SPEC §3.1): a model that does not trace as a whole is converted inside the
+"""Per-submodule fallback: a model that does not trace as a whole is converted inside the
 children that do, and every part that could not be analysed is reported with the tracer's reason."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Recovery fine-tuning and evaluation (issue 3, SPEC §5): tiny models on generated 32×32 ImageFolders."""
+"""Recovery fine-tuning and evaluation: tiny models on generated 32×32 ImageFolders."""
 
 from __future__ import annotations
 

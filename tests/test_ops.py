@@ -1,4 +1,4 @@
-"""The PiX operator (pixify/ops.py): semantics against a loop oracle written from SPEC §2, the fast
+"""The PiX operator (pixify/ops.py): semantics against a loop oracle written from the operator's definition, the fast
 kernels against the reference path, gradients, tracing/compile/export, FLOPs and argument checks."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pixify.ops import PiX, pick_or_mix, pick_or_mix_reference, pix, pix_groups,
 
 
 def oracle(x, p, zeta, tau, channel_dim, g=None):
-    """SPEC §2 written as loops over (n, i), in float64.  Returns y and, with g, (grad_x, grad_p)."""
+    """The operator's definition written as loops over (n, i), in float64.  Returns y and, with g, (grad_x, grad_p)."""
     cd = channel_dim % x.dim()
     xm = x.detach().double().movedim(cd, -1)  # (N, *spatial, C)
     n_, c = xm.shape[0], xm.shape[-1]

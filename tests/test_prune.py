@@ -1,4 +1,4 @@
-"""Prune mode (SPEC §3.2): PiX(ζ) in front of dense layers fed by an activation, consumers shrunk to
+"""Prune mode: PiX(ζ) in front of dense layers fed by an activation, consumers shrunk to
 ceil(C/ζ) inputs with folded weights; depthwise/grouped convs, residual adds and concats keep working."""
 
 from __future__ import annotations

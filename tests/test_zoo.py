@@ -1,8 +1,8 @@
-"""Model-zoo sweeps (issue 5; marked slow, run in CI with ``pytest -m slow``).
+"""Model-zoo sweeps (marked slow, run in CI with ``pytest -m slow``).
 
 Every torchvision classification model and one small model per timm module, converted in squeeze and in
 prune mode: forward + backward with the right output shape, then a save/load round trip with identical
-outputs in eval mode. See ``pixify/zoo.py`` for the input sizes, constructor kwargs, time limits and the
+outputs in eval mode. See ``tests/zoo.py`` for the input sizes, constructor kwargs, time limits and the
 exclusion lists with their reasons; ``examples/coverage.py`` prints the same sweep as a table.
 """
 
@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from pixify import zoo
+import zoo
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Model-zoo coverage sweeps (issue 5): every torchvision classification model and one small model from
+"""Model-zoo coverage sweeps: every torchvision classification model and one small model from
 every timm module, each converted in squeeze and in prune mode, then checked end to end.
 
 For every model and mode :func:`run_one` does: build (random weights, seeded) → ``pixify.convert`` →
@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .ops import eager_kernels
+from pixify.ops import eager_kernels
 
 __all__ = ["ZooEntry", "ZooResult", "torchvision_entries", "timm_entries", "all_entries", "run_one", "run_entry",
            "OK_STATUSES"]
@@ -219,7 +219,7 @@ def timm_entries() -> list[ZooEntry]:
             out.append(ZooEntry(name, module, dict(kwargs), tuple(size), TIMM_EXCLUDED.get(module)))
         else:
             reason = TIMM_EXCLUDED.get(module, "new timm module: no model picked for it yet (add it to "
-                                               "pixify.zoo.TIMM_PICKS)")
+                                               "tests/zoo.py TIMM_PICKS)")
             out.append(ZooEntry(f"<{module}>", module, {}, (3, 64, 64), reason))
     return out
 
