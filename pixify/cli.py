@@ -34,7 +34,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_STATE = {"debug": bool(os.environ.get("PIXIFY_DEBUG"))}
+_STATE = {"debug": False}  # --debug; PIXIFY_DEBUG is the setting debug (pixify.config)
 
 
 def _console(stderr: bool = False) -> Console:
@@ -592,7 +592,8 @@ def finetune(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Recover accuracy: distil the original model into the converted one (KD + CE, cosine schedule)."""
-    from .training import FinetuneConfig, _load_student, finetune as run_finetune
+    from .training import FinetuneConfig, finetune as run_finetune
+    from .training.models import load_student as _load_student
 
     FinetuneConfig(**{k: v for k, v in dict(epochs=epochs, steps=steps, lr=lr, batch_size=batch_size).items()
                       if v is not None}).validate()  # fail fast on --epochs 0 before loading anything
@@ -648,7 +649,8 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Top-1/top-5 of a checkpoint on a data folder, and its top-1 agreement with the original model."""
-    from .training import _load_student, evaluate
+    from .training import evaluate
+    from .training.models import load_student as _load_student
 
     if batch_size < 1:
         raise PixifyError(f"--batch-size must be >= 1, got {batch_size}")
@@ -676,7 +678,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     import warnings
 
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = _STATE["debug"] or "--debug" in args
+    from .config import SETTINGS
+
+    debug = _STATE["debug"] or SETTINGS.debug or "--debug" in args
     # warnings from torch or a model library are held back: printed (one line each) after a command that
     # succeeds, dropped when it fails, so that an error is always the one line on stderr
     with warnings.catch_warnings(record=True) as held:

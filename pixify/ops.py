@@ -21,7 +21,7 @@ Implementation layout
   kernels for compile/export, autograd registered), so ``torch.compile(fullgraph=True)`` and
   ``torch.export`` see one opaque node; for ``torch.fx.symbolic_trace`` :func:`pix` and
   :func:`pick_or_mix` are leaf functions (one ``call_function`` node).  Exception: ``torch.compile`` of
-  inference traces the reference formulation instead, for inductor to generate and fuse (``COMPILED_PIX``).
+  inference traces the reference formulation instead, for inductor to generate and fuse (setting ``compiled_pix``).
 * Inference without autograd calls the kernels directly (no custom-op dispatch) when nothing watches
   the dispatcher (see ``_direct_ok``).
 * Their kernels pick the fastest exact path at run time:
@@ -74,10 +74,9 @@ import contextlib
 import logging
 import math
 import numbers
-import os
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,6 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_kernels, triton_kernels
+from .config import SETTINGS, _entered, override
 from .errors import PixifyError
 
 __all__ = [
@@ -177,28 +177,6 @@ def _check_p(x: Tensor, p: Tensor, zeta: int, cd: int) -> None:
 # ----------------------------------------------------------------------------------------------------
 # reference mode / path switches
 
-class _Nestable:
-    """A global on/off switch entered with ``with``: on while at least one ``with`` block is open."""
-
-    def __init__(self) -> None:
-        self.depth = 0
-
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-
-    # no __bool__: callers test ``depth`` (torch.compile before torch 2.12 cannot trace bool() of an object)
-
-
-_REFERENCE = _Nestable()
-_EAGER_ONLY = _Nestable()
-# Test/diagnostic switch: False makes the custom-op kernels use the generic (device independent) code
-# on CPU as well.  Not part of the public API.
-_FAST_CPU = True
 # Below this many input elements the generic code is used on CPU too (the index bookkeeping of the
 # fast kernels costs more than it saves there; measured crossover ~0.4-0.8 M elements on 2 cores).
 _FAST_MIN_NUMEL = 1 << 19
@@ -225,23 +203,16 @@ def reference_mode() -> contextlib.AbstractContextManager[None]:
     Use it for ``torch.onnx.export`` (the graph then contains only standard aten ops) and for
     equality tests.  Nesting is allowed.
     """
-    return _REFERENCE.entered()
+    return _entered("reference_depth")
 
 
 def _reference_active() -> bool:
-    return _REFERENCE.depth > 0
+    return SETTINGS.reference_depth > 0
 
 
-@contextlib.contextmanager
-def _fast_paths(enabled: bool) -> Iterator[None]:
+def _fast_paths(enabled: bool) -> contextlib.AbstractContextManager[Any]:
     """Internal: enable/disable the CPU fast kernels (tests compare both)."""
-    global _FAST_CPU
-    old = _FAST_CPU
-    _FAST_CPU = enabled
-    try:
-        yield
-    finally:
-        _FAST_CPU = old
+    return override(fast_cpu=enabled)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -461,7 +432,7 @@ _FAST_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 def _use_fast(x: Tensor, min_numel: int | None = None) -> bool:
     return (
-        _FAST_CPU
+        SETTINGS.fast_cpu
         and x.device.type == "cpu"
         and x.dtype in _FAST_DTYPES
         and x.numel() >= (_FAST_MIN_NUMEL if min_numel is None else min_numel)
@@ -799,25 +770,28 @@ def _pix_interleaved(t3: Tensor, w: Tensor, tau: float, zeta: int) -> Tensor:
 # the planar kernels are unrolled over the rows of a subset (one build per zeta) up to this zeta
 _UNROLL_MAX_ZETA = 16
 
-# the generated kernels built so far, by (kind, tau, dtypes); "failed" once a build has failed here
-_COMPILED: dict[str, Any] = {"kernels": {}, "failed": False}
+# the generated kernels built so far, by (kind, tau, dtypes); "failed": the ones that could not be built
+# here, with the reason (only that kernel is given up: the others are still tried)
+_COMPILED: dict[str, Any] = {"kernels": {}, "failed": {}}
 
 
 def eager_kernels() -> contextlib.AbstractContextManager[None]:
     """Inside, PiX never uses (or compiles) the generated CPU kernel: e.g. for one-off forward passes,
     where its one-time compilation would cost more than it saves.  Nesting is allowed."""
-    return _EAGER_ONLY.entered()
+    return _entered("eager_depth")
 
 
 def compiled_kernels_enabled() -> bool:
-    """Whether the generated CPU kernel may be used: not disabled with ``PIXIFY_COMPILED_KERNELS=0``,
-    not inside :func:`eager_kernels`, and it has not failed to build on this machine."""
-    return (
-        _FAST_CPU
-        and _EAGER_ONLY.depth == 0
-        and not _COMPILED["failed"]
-        and os.environ.get("PIXIFY_COMPILED_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
-    )
+    """Whether the generated CPU kernels may be used: not disabled (``PIXIFY_COMPILED_KERNELS=0``,
+    :func:`pixify.config.override`), not inside :func:`eager_kernels`.  A kernel that failed to build here
+    is skipped on its own (:func:`compiled_kernel_failures`)."""
+    return SETTINGS.fast_cpu and SETTINGS.eager_depth == 0 and SETTINGS.compiled_kernels
+
+
+def compiled_kernel_failures() -> dict[str, str]:
+    """The generated kernels that could not be built in this process, by kind, with the reason."""
+    return {f"{k[0]} (tau {k[1]}, {', '.join(str(d).replace('torch.', '') for d in k[2:])})": why
+            for k, why in _COMPILED["failed"].items()}
 
 
 def _import_cpp_extension_quietly() -> None:
@@ -971,20 +945,25 @@ def _compiled_pix(t: Tensor, w: Tensor, tau: float, zeta: int | None = None) -> 
 
 
 def _run_kernel(kind: str, tau: float, args: list[Tensor]) -> Any:
+    """Run the generated kernel ``kind``, building it on first use.  A build that fails (no C++ compiler,
+    say) gives up that kernel alone, says so once, and the eager kernels run instead; an error while a
+    built kernel runs is raised as it is."""
     key = (kind, float(tau), *(a.dtype for a in args))
     kernels = _COMPILED["kernels"]
-    try:
-        fn = kernels.get(key)
-        if fn is None:
+    fn = kernels.get(key)
+    if fn is None:
+        if key in _COMPILED["failed"]:
+            return None
+        try:
             fn = kernels[key] = _build_kernel(key[0], key[1], key[2:])
-        with torch.no_grad():
-            return fn(*args)
-    except Exception as e:  # noqa: BLE001 - any compiler/toolchain failure means "use the eager kernels"
-        _COMPILED["failed"] = True
-        warnings.warn(f"pixify: the compiled PiX CPU kernel is unavailable here ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else ''}); using the eager kernels", RuntimeWarning,
-                      stacklevel=2)
-        return None
+        except Exception as e:  # noqa: BLE001 - any compiler/toolchain failure means "use the eager kernels"
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            _COMPILED["failed"][key] = reason
+            warnings.warn(f"pixify: the compiled PiX CPU kernel {kind} is unavailable here ({reason}); using the "
+                          "eager kernels", RuntimeWarning, stacklevel=2)
+            return None
+    with torch.no_grad():
+        return fn(*args)
 
 
 def _planar_forward_bags(t: Tensor, p: Tensor, zeta: int, tau: float) -> Tensor:
@@ -1333,8 +1312,7 @@ def pick_or_mix(x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channel_dim: 
 # CPU (pixify bench resnet50 --zeta auto --threads 2 --compile, fp32): batch 1 1.01 -> 0.82-0.85, batch 8
 # 0.93 -> 0.865; the op's per-call cost showed at batch 1.  Training keeps the op (decomposed, its compiled
 # step measured 1.14 against 0.93), and so does torch.export.  PIXIFY_COMPILED_PIX=op (any value other than
-# "decompose") keeps the op for inference too; on a GPU neither has been measured yet.
-COMPILED_PIX = os.environ.get("PIXIFY_COMPILED_PIX", "decompose")
+# "decompose"; pixify.config's compiled_pix) keeps the op for inference too; on a GPU neither has been measured yet.
 
 
 def _is_exporting() -> bool:
@@ -1346,7 +1324,7 @@ def _is_exporting() -> bool:
 
 def _decomposed_under_compile(x: Tensor, p: Tensor) -> bool:
     return (
-        COMPILED_PIX == "decompose"
+        SETTINGS.compiled_pix == "decompose"
         and torch.compiler.is_compiling()
         and not _is_exporting()
         and not (torch.is_grad_enabled() and (x.requires_grad or p.requires_grad))

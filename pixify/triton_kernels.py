@@ -8,7 +8,7 @@ max, its first arg-max and the sum in fp32 registers, and writes the (N, G, S) o
 input gradient and per-tile partial sums of the ``p`` gradient (backward; summed on the host, so the
 result does not depend on the order the tiles ran in).  Any C is handled: the last subset may be short.
 For channels-innermost memory there is a second kernel, :func:`_pix_kernel_ci`, that loads whole runs of
-contiguous channels; ``CHANNELS_INNER`` (env ``PIXIFY_TRITON_CHANNELS_INNER``) chooses between them.
+contiguous channels; the setting ``triton_channels_inner`` (env ``PIXIFY_TRITON_CHANNELS_INNER``, :mod:`pixify.config`) chooses between them.
 
 ``ops`` calls :func:`forward` / :func:`backward` for CUDA tensors when :func:`available` is true.  With
 ``TRITON_INTERPRET=1`` set before triton is imported, the same kernel runs on CPU tensors in Triton's
@@ -19,11 +19,12 @@ a NaN in a mix subset makes its mean NaN.
 """
 
 import contextlib
-import os
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .config import SETTINGS
 
 try:  # triton ships with CUDA builds of torch on Linux; without it CUDA uses the generic kernels
     import triton
@@ -174,15 +175,15 @@ _KERNEL_CI = triton.jit(_pix_kernel_ci) if triton is not None else None
 
 # Which kernel takes channels-innermost memory: "loop" (_pix_kernel, measured on an H200: about 1.1 TB/s
 # at 64x256x56x56 fp16, a third of the planar case) or "tile" (_pix_kernel_ci: contiguous loads, proven
-# equal in the tests but not yet timed on a GPU; examples/gpu_kernels.py times both).
-CHANNELS_INNER = os.environ.get("PIXIFY_TRITON_CHANNELS_INNER", "loop")
+# equal in the tests but not yet timed on a GPU; examples/gpu_kernels.py times both): the setting
+# triton_channels_inner (pixify.config).
 
 
 def _config(t: Tensor, zeta: int, g: int) -> tuple[Any, dict[str, int], tuple[int, int, int]]:
     """(kernel, its tile constants, grid) for t (N, C, S) in its memory layout."""
     n, _, s = t.shape
     if t.stride(1) == 1 and s > 1:  # channels innermost
-        if CHANNELS_INNER == "tile":
+        if SETTINGS.triton_channels_inner == "tile":
             zp = triton.next_power_of_2(zeta)
             bg = max(1, min(triton.next_power_of_2(g), 256 // zp))  # up to 256 contiguous channels
             bs = max(1, min(triton.next_power_of_2(s), 4096 // (bg * zp)))

@@ -4,6 +4,7 @@ import torch
 from timm.models.resnet import Bottleneck, ResNet
 
 import pixify
+from pixify.config import SETTINGS
 from conftest import randomize_pix
 
 
@@ -41,7 +42,7 @@ def test_compiled_pix_takes_channels_last_activations(monkeypatch):
         return real(x, *args)
 
     monkeypatch.setattr(ops, "_forward_impl", spy)
-    monkeypatch.setattr(ops, "COMPILED_PIX", "op")  # the op, as in training (inference decomposes by default)
+    monkeypatch.setattr(SETTINGS, "compiled_pix", "op")  # the op, as in training (inference decomposes by default)
     torch.manual_seed(0)
     pix = pixify.PiX(32, 4)
     with torch.no_grad():
@@ -63,9 +64,7 @@ def test_compiled_pix_takes_channels_last_activations(monkeypatch):
     ("op", False, True),
 ])
 def test_compiled_inference_traces_pix_as_standard_ops(monkeypatch, policy, grad, want_op):
-    from pixify import ops
-
-    monkeypatch.setattr(ops, "COMPILED_PIX", policy)
+    monkeypatch.setattr(SETTINGS, "compiled_pix", policy)
     graphs = []
 
     def backend(gm, example_inputs):

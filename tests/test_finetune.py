@@ -18,7 +18,7 @@ from pixify.cli import main as cli_main
 from pixify.errors import PixifyError
 from pixify.training import finetune as run_finetune
 
-ft = sys.modules["pixify.training"]
+ft = sys.modules["pixify.training.loss"]  # where the run looks the loss up
 
 # A tiny timm bottleneck ResNet: 4 squeeze sites (64→8 at ζ 8, three more at ζ 2), ~140 k parameters.
 KWARGS = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64], "num_classes": 3}

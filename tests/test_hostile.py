@@ -505,7 +505,7 @@ def test_interrupted_convert_leaves_nothing(tmp_path, capsys, monkeypatch):
 
 
 def test_interrupted_finetune_before_its_first_checkpoint_leaves_nothing(world, tmp_path, capsys, monkeypatch):
-    import pixify.training as tr
+    import pixify.training.loss as tr  # where the run looks the loss up
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
@@ -519,7 +519,7 @@ def test_interrupted_finetune_before_its_first_checkpoint_leaves_nothing(world, 
 
 
 def test_an_error_after_the_first_checkpoint_keeps_the_run(world, tmp_path, capsys, monkeypatch):
-    import pixify.training as tr
+    import pixify.training.loss as tr  # where the run looks the loss up
 
     real = tr.distillation_loss
     calls = {"n": 0}

@@ -15,6 +15,7 @@ from timm.models.resnet import Bottleneck, ResNet
 
 import pixify
 from pixify import ops, triton_kernels
+from pixify.config import SETTINGS
 from pixify.ops import pick_or_mix, pick_or_mix_reference
 from conftest import randomize_pix
 
@@ -87,7 +88,7 @@ CASES = [  # (channels, zeta): divisible, a short last subset, odd zeta, zeta 1,
 ]
 
 
-# channels-innermost memory has two kernels (triton_kernels.CHANNELS_INNER): test both
+# channels-innermost memory has two kernels (the setting triton_channels_inner): test both
 LAYOUTS = ["nchw", "channels_last/loop", "channels_last/tile", "tokens/loop", "tokens/tile", "strided"]
 
 
@@ -95,7 +96,7 @@ LAYOUTS = ["nchw", "channels_last/loop", "channels_last/tile", "tokens/loop", "t
 def variant(monkeypatch):
     def use(layout):
         name, _, kind = layout.partition("/")
-        monkeypatch.setattr(triton_kernels, "CHANNELS_INNER", kind or "loop")
+        monkeypatch.setattr(SETTINGS, "triton_channels_inner", kind or "loop")
         return name
     return use
 
@@ -263,8 +264,8 @@ def decisive_pix(model):
 @pytest.mark.parametrize("policy", ["op", pytest.param("decompose", marks=cuda_only)])
 def test_compile_fullgraph_matches_eager(calls, monkeypatch, dtype, channels_last, policy):
     """torch.compile(fullgraph=True) of a converted ResNet matches eager, with PiX as the custom op (through
-    the Triton kernel; CPU tensors in the interpreter run) or decomposed for inductor (ops.COMPILED_PIX)."""
-    monkeypatch.setattr(ops, "COMPILED_PIX", policy)
+    the Triton kernel; CPU tensors in the interpreter run) or decomposed for inductor (the setting compiled_pix)."""
+    monkeypatch.setattr(SETTINGS, "compiled_pix", policy)
     torch.manual_seed(0)
     model = ResNet(block=Bottleneck, layers=[1, 1, 1, 1], stem_width=16, num_classes=10).eval()
     conv, rep = pixify.convert(model, zeta=2, example_input=torch.randn(1, 3, 32, 32))
