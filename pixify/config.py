@@ -30,7 +30,26 @@ import os
 import threading
 from typing import Any, Iterator
 
-__all__ = ["Settings", "SETTINGS", "settings", "override"]
+__all__ = ["Settings", "SETTINGS", "settings", "override", "TESTED_TORCH", "PRIVATE_TORCH_OK"]
+
+#: torch releases (major, minor) that pixify's fast paths were tested with.  Those paths use private torch
+#: internals (inductor's ahead-of-time compile and C++ code cache, the dispatch-stack probe, a sparse
+#: reduction, Triton's compiled-kernel runners); on any other release they stay off and PiX runs on its
+#: public-API kernels, which are slower but the same function.
+TESTED_TORCH = ((2, 14),)
+
+
+def _torch_release() -> tuple[int, int]:
+    import torch
+
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):  # pragma: no cover - a version string torch never had
+        return (0, 0)
+
+
+PRIVATE_TORCH_OK = _torch_release() in TESTED_TORCH
 
 _CHOICES = {"compiled_pix": ("decompose", "op"), "triton_channels_inner": ("loop", "tile")}
 

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .config import PRIVATE_TORCH_OK
+
 __all__ = ["ZETAS", "available", "fused_interleaved", "fused_interleaved_backward"]
 
 ZETAS = (2, 4, 8, 16)
@@ -208,6 +210,7 @@ def available(t3: Tensor, p_dtype: torch.dtype, zeta: int) -> bool:
     (Whether compiled kernels are allowed at all is the caller's test, ``ops.compiled_kernels_enabled``.)"""
     return (
         not _STATE["failed"]
+        and PRIVATE_TORCH_OK  # built through inductor's C++ code cache
         and zeta in ZETAS
         and t3.dtype == torch.float32
         and p_dtype == torch.float32

@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import cpu_kernels, triton_kernels
-from .config import SETTINGS, _entered, override
+from .config import PRIVATE_TORCH_OK, SETTINGS, _entered, override
 from .errors import PixifyError
 
 __all__ = [
@@ -433,6 +433,7 @@ _FAST_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def _use_fast(x: Tensor, min_numel: int | None = None) -> bool:
     return (
         SETTINGS.fast_cpu
+        and PRIVATE_TORCH_OK  # the planar kernels reduce with aten._sparse_mm_reduce_impl
         and x.device.type == "cpu"
         and x.dtype in _FAST_DTYPES
         and x.numel() >= (_FAST_MIN_NUMEL if min_numel is None else min_numel)
@@ -785,7 +786,7 @@ def compiled_kernels_enabled() -> bool:
     """Whether the generated CPU kernels may be used: not disabled (``PIXIFY_COMPILED_KERNELS=0``,
     :func:`pixify.config.override`), not inside :func:`eager_kernels`.  A kernel that failed to build here
     is skipped on its own (:func:`compiled_kernel_failures`)."""
-    return SETTINGS.fast_cpu and SETTINGS.eager_depth == 0 and SETTINGS.compiled_kernels
+    return SETTINGS.fast_cpu and SETTINGS.eager_depth == 0 and SETTINGS.compiled_kernels and PRIVATE_TORCH_OK
 
 
 def compiled_kernel_failures() -> dict[str, str]:
@@ -1341,6 +1342,7 @@ def _direct_ok(x: Tensor, p: Tensor) -> bool:
         and type(x) is Tensor
         and type(p) is Tensor
         and not (torch.is_grad_enabled() and (x.requires_grad or p.requires_grad))
+        and PRIVATE_TORCH_OK
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
     )

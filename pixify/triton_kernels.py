@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import SETTINGS
+from .config import PRIVATE_TORCH_OK, SETTINGS
 
 try:  # triton ships with CUDA builds of torch on Linux; without it CUDA uses the generic kernels
     import triton
@@ -210,7 +210,9 @@ def _block_c(c: int, bg: int) -> int:
 # kernel, its constants, the grid and the device) finds a kernel compiled for the same specialisation.
 _RUNNERS: dict[tuple, Any] = {}
 _RUNNERS_MAX = 4096
-_USE_RUNNERS = True  # False after a triton whose compiled kernel has no runner: JIT launches only
+# False after a triton whose compiled kernel has no runner, or with a torch (and so a triton) release the
+# runners were not tested with: JIT launches only
+_USE_RUNNERS = PRIVATE_TORCH_OK
 
 
 def _launch(kernel: Any, grid: tuple[int, int, int], ptrs: list[Tensor], scalars: list[Any], meta: dict[str, Any],

@@ -909,3 +909,31 @@ def test_whole_pix_non_dense_input_takes_the_op_path(monkeypatch):
             yr = m(x)
     assert calls == []
     torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+
+
+def test_an_untested_torch_release_runs_on_public_apis_only(monkeypatch):
+    """On a torch release the fast paths were not tested with, they stay off and PiX is still exact."""
+    from pixify import config
+
+    assert config.PRIVATE_TORCH_OK == (config._torch_release() in config.TESTED_TORCH)
+    monkeypatch.setattr(ops, "PRIVATE_TORCH_OK", False)
+    monkeypatch.setattr(cpu_kernels, "PRIVATE_TORCH_OK", False)
+
+    def no_build(*a, **k):
+        raise AssertionError("a private-API kernel was built")
+
+    monkeypatch.setattr(ops, "_build_kernel", no_build)
+    monkeypatch.setitem(ops._COMPILED, "kernels", {})
+    assert not ops.compiled_kernels_enabled()
+    x = make_x((2, 64, 40, 40), "contig").requires_grad_()
+    p = make_p(2, 16).requires_grad_()
+    assert not ops._direct_ok(x.detach(), p.detach()) and not ops._use_fast(x)
+    y = pick_or_mix(x, p, 4)
+    g = torch.randn_like(y)
+    y.backward(g)
+    xr, pr = x.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    yr = pick_or_mix_reference(xr, pr, 4)
+    yr.backward(g)
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(p.grad, pr.grad)
