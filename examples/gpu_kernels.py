@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from pixify import triton_kernels
+from pixify.ops import triton_kernels
 from pixify.ops import _canon, _empty_canon, pix
 
 

@@ -14,7 +14,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pixify import ops, triton_kernels
+from pixify import ops
+from pixify.ops import dispatch, module, triton_kernels
+from pixify.ops import layout as layouts
 
 
 def per_call_us(fn, device, calls=300):
@@ -49,8 +51,8 @@ def main():
     q = F.linear(z, phi)
     p = torch.sigmoid(q)
     mod = ops.PiX(c, zeta).to(dev, dtype)
-    t, layout = ops._canon(x, 1)
-    out3 = ops._empty_canon(x, n, g, t.shape[2], layout)
+    t, layout = layouts._canon(x, 1)
+    out3 = layouts._empty_canon(x, n, g, t.shape[2], layout)
     cases = {
         "relu (one elementwise op)": lambda: torch.relu(x),
         "conv1x1 (what PiX replaces)": lambda: F.conv2d(x, wconv),
@@ -61,7 +63,7 @@ def main():
     if triton_kernels.available(x, zeta):
         cases["triton_kernels.forward"] = lambda: triton_kernels.forward(t, p, zeta, 0.5, out3)
     cases.update({
-        "ops._forward_impl": lambda: ops._forward_impl(x, p, zeta, 0.5, 1),
+        "dispatch._forward_impl": lambda: dispatch._forward_impl(x, p, zeta, 0.5, 1),
         "ops.pick_or_mix": lambda: ops.pick_or_mix(x, p, zeta),
         "ops.pix": lambda: ops.pix(x, phi, zeta),
         "PiX module": lambda: mod(x),
@@ -79,7 +81,7 @@ def main():
             print("compiled runner not usable:", type(e).__name__, str(e).splitlines()[0][:200])
         zf = z.float()
         cases["triton_kernels.forward_phi"] = lambda: triton_kernels.forward_phi(t, zf, phi, zeta, 0.5, out3)
-        cases["ops._pix_triton"] = lambda: ops._pix_triton(x, phi, zeta, 0.5, 1)
+        cases["module._pix_triton"] = lambda: module._pix_triton(x, phi, zeta, 0.5, 1)
     print(f"{args.device} {args.dtype} {tuple(x.shape)} zeta {zeta}: host microseconds per call")
     for ctx_name in ("inference_mode", "inference_mode + autocast"):
         print(f"-- {ctx_name}")

@@ -32,16 +32,16 @@ def test_compiled_pix_takes_channels_last_activations(monkeypatch):
     """Inductor makes convolution outputs channels-last (its layout optimisation); PiX (a flexible_layout
     custom op) takes them as they are, without a copy back to the NCHW strides seen while tracing, and
     gives a channels-last output, equal to eager."""
-    from pixify import ops
+    from pixify.ops import op as op_mod
 
     seen = []
-    real = ops._forward_impl
+    real = op_mod._forward_impl
 
     def spy(x, *args):
         seen.append((x.is_contiguous(memory_format=torch.channels_last), x.is_contiguous()))
         return real(x, *args)
 
-    monkeypatch.setattr(ops, "_forward_impl", spy)
+    monkeypatch.setattr(op_mod, "_forward_impl", spy)
     monkeypatch.setattr(SETTINGS, "compiled_pix", "op")  # the op, as in training (inference decomposes by default)
     torch.manual_seed(0)
     pix = pixify.PiX(32, 4)

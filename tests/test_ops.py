@@ -1,4 +1,4 @@
-"""The PiX operator (pixify/ops.py): semantics against a loop oracle written from the operator's definition, the fast
+"""The PiX operator (pixify/ops/): semantics against a loop oracle written from the operator's definition, the fast
 kernels against the reference path, gradients, tracing/compile/export, FLOPs and argument checks."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from pixify import cpu_kernels, ops
+from pixify import ops
+from pixify.ops import cpu_kernels, generic, inductor, module, planar
+from pixify.ops import op as op_mod
 from pixify.config import override
 from pixify.ops import PiX, pick_or_mix, pick_or_mix_reference, pix, pix_groups, reference_mode
 
@@ -101,7 +103,7 @@ def _one_thread():
 @pytest.fixture
 def fast_everywhere(monkeypatch):
     """Use the CPU fast kernels even for the tiny test tensors."""
-    monkeypatch.setattr(ops, "_FAST_MIN_NUMEL", 0)
+    monkeypatch.setattr(planar, "_FAST_MIN_NUMEL", 0)
 
 
 # fast: the CPU kernels (planar / interleaved); generic: the device-independent code (what CUDA runs),
@@ -112,13 +114,13 @@ PATHS = ["fast", "generic", "generic_select", "reference"]
 def run_path(path, x, p, zeta, tau, cd):
     if path == "reference":
         return pick_or_mix_reference(x, p, zeta, tau, cd)
-    old = ops._CPU_SELECT_MIN_NUMEL
-    ops._CPU_SELECT_MIN_NUMEL = 0 if path == "generic_select" else 1 << 62
+    old = generic._CPU_SELECT_MIN_NUMEL
+    generic._CPU_SELECT_MIN_NUMEL = 0 if path == "generic_select" else 1 << 62
     try:
-        with ops._fast_paths(path == "fast"):
+        with override(fast_cpu=path == "fast"):
             return pick_or_mix(x, p, zeta, tau, cd)
     finally:
-        ops._CPU_SELECT_MIN_NUMEL = old
+        generic._CPU_SELECT_MIN_NUMEL = old
 
 
 CASES = [
@@ -195,7 +197,7 @@ def test_output_can_be_modified_in_place(fast_everywhere, layout, path):
     # e.g. a ReLU(inplace=True) or an in-place batch norm right after PiX in a rewritten network
     x = make_x((2, 8, 4, 4), layout).requires_grad_()
     p = make_p(2, 2).requires_grad_()
-    with ops._fast_paths(path == "fast"):
+    with override(fast_cpu=path == "fast"):
         y = pick_or_mix(x, p, 4)
         assert y._base is None
         z = torch.relu_(y)
@@ -226,7 +228,7 @@ def test_threshold_is_strict_for_pick():
 @pytest.mark.parametrize("channels,zeta", [(32, 4), (30, 4), (27, 2)])
 def test_fast_equals_reference(fast_everywhere, dtype, layout, channels, zeta):
     x = make_x((3, channels, 24, 24), layout, "randn", dtype=dtype)
-    assert ops._use_fast(x)
+    assert planar._use_fast(x)
     groups = pix_groups(channels, zeta)
     p = make_p(3, groups, dtype=torch.float32)
     xf, pf = x.clone().requires_grad_(), p.clone().requires_grad_()
@@ -256,7 +258,7 @@ def test_default_dispatch_large_input(layout, fraction):
     # above the default threshold the production dispatch takes the fast kernels; all-mix, mixed and
     # all-pick batches take different branches in them
     x = make_x((2, 64, 64, 66), layout)
-    assert ops._use_fast(x)
+    assert planar._use_fast(x)
     p = torch.where(torch.rand(2, 16) < fraction, 0.3, 0.7).requires_grad_()
     xg = x.clone().requires_grad_()
     y = pick_or_mix(xg, p, 4)
@@ -280,7 +282,7 @@ def test_inference_direct_path_equals_reference(mode, channels, fraction):
     p = torch.where(torch.rand(2, groups, generator=torch.Generator().manual_seed(3)) < fraction, 0.3, 0.7)
     ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
     with ctx:
-        assert ops._direct_ok(x, p)
+        assert op_mod._direct_ok(x, p)
         y = pick_or_mix(x, p, 4)
     torch.testing.assert_close(y, pick_or_mix_reference(x, p, 4))
 
@@ -296,18 +298,18 @@ def test_compiled_kernels_any_shape_equal_reference(shape, zeta):
     s = x[0, 0].numel()
     p = torch.rand(n, c // zeta, generator=torch.Generator().manual_seed(5))
     t4 = x.view(-1, zeta, s)
-    got = ops._compiled_even(t4, p.view(-1), 0.5)
+    got = inductor._compiled_even(t4, p.view(-1), 0.5)
     torch.testing.assert_close(got, pick_or_mix_reference(x, p, zeta).reshape(-1, s))
     g = torch.randn(t4.shape[0], s, generator=torch.Generator().manual_seed(6))
-    gt, gp = ops._compiled_even(t4, p.view(-1), 0.5, g)
+    gt, gp = inductor._compiled_even(t4, p.view(-1), 0.5, g)
     xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
     gxr, gpr = torch.autograd.grad(pick_or_mix_reference(xr, pr, zeta), (xr, pr), g.view(n, -1, *shape[2:]))
     torch.testing.assert_close(gt.view(shape), gxr)
     torch.testing.assert_close(gp.view(p.shape), gpr, rtol=1e-5, atol=1e-4)
-    unrolled = str(zeta) if zeta <= ops._UNROLL_MAX_ZETA else ""  # unrolled, or rolled for a large zeta
-    assert ("fwd" + unrolled, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
-    assert ("bwd" + unrolled, 0.5, torch.float32, torch.float32, torch.float32) in ops._COMPILED["kernels"]
-    assert ops._compiled_even(x.view(-1, zeta, s)[:1], p.view(-1)[:1], 0.5) is None  # a size-1 dim: eager
+    unrolled = str(zeta) if zeta <= inductor._UNROLL_MAX_ZETA else ""  # unrolled, or rolled for a large zeta
+    assert ("fwd" + unrolled, 0.5, torch.float32, torch.float32) in inductor._COMPILED["kernels"]
+    assert ("bwd" + unrolled, 0.5, torch.float32, torch.float32, torch.float32) in inductor._COMPILED["kernels"]
+    assert inductor._compiled_even(x.view(-1, zeta, s)[:1], p.view(-1)[:1], 0.5) is None  # a size-1 dim: eager
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -319,12 +321,12 @@ def test_compiled_kernel_equals_reference(dtype, fraction):
     x = make_x((2, 32, 40, 40), "contig", dtype=dtype)
     p = torch.where(torch.rand(2, 8, generator=torch.Generator().manual_seed(1)) < fraction, 0.3, 0.7)
     t4 = x.view(16, 4, 1600)
-    got = ops._compiled_even(t4, p.view(-1), 0.5)
+    got = inductor._compiled_even(t4, p.view(-1), 0.5)
     assert got is not None, "the compiled kernel did not build"
     want = pick_or_mix_reference(x, p, 4).reshape(16, 1600)
     tol = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 2e-3)}[dtype]
     torch.testing.assert_close(got, want, rtol=tol[0], atol=tol[1])
-    assert got.dtype == dtype and ("fwd4", 0.5, dtype, p.dtype) in ops._COMPILED["kernels"]
+    assert got.dtype == dtype and ("fwd4", 0.5, dtype, p.dtype) in inductor._COMPILED["kernels"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -344,15 +346,15 @@ def test_channels_innermost_kernels_other_dtypes(dtype):
     gxr, gpr = torch.autograd.grad(yr, (xr, pr), g)
     torch.testing.assert_close(gx, gxr, rtol=tol[0], atol=tol[1])
     torch.testing.assert_close(gp, gpr, rtol=max(tol[0], 1e-5), atol=max(tol[1], 1e-4) * 40)
-    assert ("cl-fwd4", 0.5, dtype, dtype) in ops._COMPILED["kernels"]
-    assert ("cl-bwd4", 0.5, dtype, dtype, dtype) in ops._COMPILED["kernels"]
+    assert ("cl-fwd4", 0.5, dtype, dtype) in inductor._COMPILED["kernels"]
+    assert ("cl-bwd4", 0.5, dtype, dtype, dtype) in inductor._COMPILED["kernels"]
 
 
 def test_compiled_backward_ties_route_to_first_channel():
     if not ops.compiled_kernels_enabled():
         pytest.skip("compiled kernels disabled (PIXIFY_COMPILED_KERNELS=0)")
     x = torch.randint(0, 3, (2, 32, 40, 40), generator=torch.Generator().manual_seed(2)).float()
-    assert x.numel() >= ops._COMPILED_MIN_NUMEL
+    assert x.numel() >= inductor._COMPILED_MIN_NUMEL
     p = torch.where(torch.rand(2, 8, generator=torch.Generator().manual_seed(4)) < 0.7, 0.3, 0.7)
     xa, pa = x.clone().requires_grad_(), p.clone().requires_grad_()
     xr, pr = x.clone().requires_grad_(), p.clone().requires_grad_()
@@ -360,7 +362,7 @@ def test_compiled_backward_ties_route_to_first_channel():
     g = torch.rand(y.shape) + 0.5
     gx, gp = torch.autograd.grad(y, (xa, pa), g)
     gxr, gpr = torch.autograd.grad(yr, (xr, pr), g)
-    assert ("bwd4", 0.5, torch.float32, torch.float32, torch.float32) in ops._COMPILED["kernels"]  # it ran, unrolled
+    assert ("bwd4", 0.5, torch.float32, torch.float32, torch.float32) in inductor._COMPILED["kernels"]  # it ran, unrolled
     assert torch.equal(gx, gxr)  # the same (first) arg-max channel, the same values
     torch.testing.assert_close(gp, gpr, rtol=1e-5, atol=1e-4)
 
@@ -394,8 +396,8 @@ def test_channels_innermost_kernels_equal_reference(shape, zeta, cd, monkeypatch
     if zeta in cpu_kernels.ZETAS:
         assert calls == ["fwd", "bwd"]  # by hand
     else:
-        assert not calls and (f"cl-fwd{zeta}{batch}", 0.5, f32, f32) in ops._COMPILED["kernels"]
-        assert (f"cl-bwd{zeta}{batch}", 0.5, f32, f32, f32) in ops._COMPILED["kernels"]
+        assert not calls and (f"cl-fwd{zeta}{batch}", 0.5, f32, f32) in inductor._COMPILED["kernels"]
+        assert (f"cl-bwd{zeta}{batch}", 0.5, f32, f32, f32) in inductor._COMPILED["kernels"]
     if len(shape) == 4:
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert gx.is_contiguous(memory_format=torch.channels_last)
@@ -407,9 +409,9 @@ def test_compiled_kernel_failure_falls_back_once(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("no C++ compiler\nmore detail")
 
-    monkeypatch.setattr(ops, "_build_kernel", broken)
-    monkeypatch.setitem(ops._COMPILED, "kernels", {})
-    monkeypatch.setitem(ops._COMPILED, "failed", {})
+    monkeypatch.setattr(inductor, "_build_kernel", broken)
+    monkeypatch.setitem(inductor._COMPILED, "kernels", {})
+    monkeypatch.setitem(inductor._COMPILED, "failed", {})
     x = make_x((2, 32, 40, 40), "contig")
     p = make_p(2, 8)
     with override(compiled_kernels=True):
@@ -429,9 +431,9 @@ def test_an_error_inside_a_built_kernel_is_not_swallowed(monkeypatch):
             raise RuntimeError("kernel bug")
         return kernel
 
-    monkeypatch.setattr(ops, "_build_kernel", build)
-    monkeypatch.setitem(ops._COMPILED, "kernels", {})
-    monkeypatch.setitem(ops._COMPILED, "failed", {})
+    monkeypatch.setattr(inductor, "_build_kernel", build)
+    monkeypatch.setitem(inductor._COMPILED, "kernels", {})
+    monkeypatch.setitem(inductor._COMPILED, "failed", {})
     with override(compiled_kernels=True), torch.no_grad(), pytest.raises(RuntimeError, match="kernel bug"):
         pick_or_mix(make_x((2, 32, 40, 40), "contig"), make_p(2, 8), 4)
 
@@ -443,7 +445,7 @@ def test_compiled_kernel_switches():
             assert ops.compiled_kernels_enabled()
             with ops.eager_kernels():
                 assert not ops.compiled_kernels_enabled()
-                assert ops._compiled_even(torch.zeros(4, 2, 3), torch.zeros(4), 0.5) is None
+                assert inductor._compiled_even(torch.zeros(4, 2, 3), torch.zeros(4), 0.5) is None
             assert ops.compiled_kernels_enabled()
         assert not ops.compiled_kernels_enabled()
 
@@ -578,17 +580,17 @@ def test_direct_path_only_when_nobody_watches():
     from torch.utils.flop_counter import FlopCounterMode
 
     x, p = torch.rand(1, 8, 4, 4), torch.rand(1, 2)
-    assert ops._direct_ok(x, p)
-    assert not ops._direct_ok(x.requires_grad_(), p)  # autograd needs the op's backward
+    assert op_mod._direct_ok(x, p)
+    assert not op_mod._direct_ok(x.requires_grad_(), p)  # autograd needs the op's backward
     with torch.no_grad():
-        assert ops._direct_ok(x, p)
+        assert op_mod._direct_ok(x, p)
         with FlopCounterMode(display=False):
-            assert not ops._direct_ok(x, p)
+            assert not op_mod._direct_ok(x, p)
     fm = FakeTensorMode()
     fx_, fp = fm.from_tensor(x.detach()), fm.from_tensor(p)
-    assert not ops._direct_ok(fx_, fp)  # a tensor subclass
+    assert not op_mod._direct_ok(fx_, fp)  # a tensor subclass
     with fm:
-        assert not ops._direct_ok(fx_, fp)
+        assert not op_mod._direct_ok(fx_, fp)
 
 
 # -------------------------------------------------------------------------------------------- gradcheck
@@ -620,7 +622,7 @@ def test_gradcheck_pix(fast_everywhere, path, shape, zeta, cd, layout):
         if path == "reference":
             with reference_mode():
                 return pix(x, w, zeta, 0.5, cd)
-        with ops._fast_paths(path == "fast"):
+        with override(fast_cpu=path == "fast"):
             return pix(x, w, zeta, 0.5, cd)
 
     assert torch.autograd.gradcheck(fn, (x, w), eps=1e-6, atol=1e-6)
@@ -677,7 +679,7 @@ def test_pix_fp16_pooling_does_not_overflow():
 def test_reference_mode_switches_path(monkeypatch):
     calls = []
     real = ops.pick_or_mix_reference
-    monkeypatch.setattr(ops, "pick_or_mix_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(op_mod, "pick_or_mix_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, p = torch.randn(1, 4, 2, 2), torch.rand(1, 2)
     pick_or_mix(x, p, 2)
     assert calls == []
@@ -852,26 +854,26 @@ def test_whole_pix_kernel_equals_reference(shape, zeta, layout):
     if layout == "cl":
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        assert ops._whole_ok(x, m.weight)
+        assert module._whole_ok(x, m.weight)
         y = m(x)
         with reference_mode():
             yr = m(x)
     if layout == "contig":
         # unrolled for its zeta, or rolled (any zeta) above _UNROLL_MAX_ZETA
-        kind = "pix" + (str(zeta) if zeta <= ops._UNROLL_MAX_ZETA else "") + ("/1" if shape[0] == 1 else "")
-        assert (kind, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
+        kind = "pix" + (str(zeta) if zeta <= inductor._UNROLL_MAX_ZETA else "") + ("/1" if shape[0] == 1 else "")
+        assert (kind, 0.5, torch.float32, torch.float32) in inductor._COMPILED["kernels"]
     elif zeta in cpu_kernels.ZETAS:  # channels innermost: ATen pooling, φ, the hand-vectorised step
         assert cpu_kernels._STATE["kernel"] is not None
     else:
         kind = f"cl-pix{zeta}" + ("/1" if shape[0] == 1 else "")
-        assert (kind, 0.5, torch.float32, torch.float32) in ops._COMPILED["kernels"]
+        assert (kind, 0.5, torch.float32, torch.float32) in inductor._COMPILED["kernels"]
     z = x.mean(2 if cd == 1 else 1).flatten(1) if x.dim() == 3 else x.flatten(2).mean(2)
     p = torch.sigmoid(z @ m.weight.T)
     assert 0.1 < float((p < 0.5).float().mean()) < 0.9  # both branches taken
     torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last if layout == "cl" else torch.contiguous_format)
-    assert not ops._whole_ok(x, m.weight)  # grad mode, and φ requires grad: the custom op path
-    assert not ops._whole_ok(x.to(torch.float64), m.weight.double())
+    assert not module._whole_ok(x, m.weight)  # grad mode, and φ requires grad: the custom op path
+    assert not module._whole_ok(x.to(torch.float64), m.weight.double())
 
 
 def test_counting_macs_compiles_no_kernel(monkeypatch):
@@ -882,28 +884,28 @@ def test_counting_macs_compiles_no_kernel(monkeypatch):
     def no_build(*a, **k):
         raise AssertionError("count_macs built a kernel")
 
-    monkeypatch.setattr(ops, "_build_kernel", no_build)
-    monkeypatch.setitem(ops._COMPILED, "kernels", {})  # nothing built yet in this test's view
-    monkeypatch.setitem(ops._COMPILED, "failed", {})  # restored afterwards, whatever happens here
+    monkeypatch.setattr(inductor, "_build_kernel", no_build)
+    monkeypatch.setitem(inductor._COMPILED, "kernels", {})  # nothing built yet in this test's view
+    monkeypatch.setitem(inductor._COMPILED, "failed", {})  # restored afterwards, whatever happens here
     m = nn.Sequential(PiX(64, 4), nn.Conv2d(16, 8, 1, bias=False))
     macs, out = count_macs(m, torch.randn(2, 64, 32, 32), return_output=True)
     # one per PiX input element, φ (C x G per sample), the conv
     assert macs == 2 * 64 * 32 * 32 + 2 * 64 * 16 + 2 * 16 * 8 * 32 * 32
-    assert out.shape == (2, 8, 32, 32) and not ops._COMPILED["failed"]
+    assert out.shape == (2, 8, 32, 32) and not inductor._COMPILED["failed"]
 
 
 def test_whole_pix_non_dense_input_takes_the_op_path(monkeypatch):
     """A strided view (neither planar nor channels innermost) skips the whole-operator kernel without
     copying for it, and still equals the reference."""
     calls = []
-    monkeypatch.setattr(ops, "_compiled_pix", lambda *a, **k: calls.append(a) or None)
+    monkeypatch.setattr(module, "_compiled_pix", lambda *a, **k: calls.append(a) or None)
     torch.manual_seed(0)
     m = PiX(64, 4)
     with torch.no_grad():
         m.weight.normal_()
     x = make_x((2, 64, 40, 40), "noncontig")
     with torch.inference_mode():
-        assert ops._whole_ok(x, m.weight)
+        assert module._whole_ok(x, m.weight)
         y = m(x)
         with reference_mode():
             yr = m(x)
@@ -916,18 +918,19 @@ def test_an_untested_torch_release_runs_on_public_apis_only(monkeypatch):
     from pixify import config
 
     assert config.PRIVATE_TORCH_OK == (config._torch_release() in config.TESTED_TORCH)
-    monkeypatch.setattr(ops, "PRIVATE_TORCH_OK", False)
+    for m in (inductor, planar, op_mod):
+        monkeypatch.setattr(m, "PRIVATE_TORCH_OK", False)
     monkeypatch.setattr(cpu_kernels, "PRIVATE_TORCH_OK", False)
 
     def no_build(*a, **k):
         raise AssertionError("a private-API kernel was built")
 
-    monkeypatch.setattr(ops, "_build_kernel", no_build)
-    monkeypatch.setitem(ops._COMPILED, "kernels", {})
+    monkeypatch.setattr(inductor, "_build_kernel", no_build)
+    monkeypatch.setitem(inductor._COMPILED, "kernels", {})
     assert not ops.compiled_kernels_enabled()
     x = make_x((2, 64, 40, 40), "contig").requires_grad_()
     p = make_p(2, 16).requires_grad_()
-    assert not ops._direct_ok(x.detach(), p.detach()) and not ops._use_fast(x)
+    assert not op_mod._direct_ok(x.detach(), p.detach()) and not planar._use_fast(x)
     y = pick_or_mix(x, p, 4)
     g = torch.randn_like(y)
     y.backward(g)

@@ -1,4 +1,4 @@
-"""The Triton kernels of PiX (pixify/triton_kernels.py) against the reference path.
+"""The Triton kernels of PiX (pixify/ops/triton_kernels.py) against the reference path.
 
 They run on CUDA.  Without a GPU, ``test_triton_kernels_in_interpreter`` runs this file again in a
 subprocess under Triton's interpreter (``TRITON_INTERPRET=1``), where the same kernels take CPU tensors
@@ -14,7 +14,8 @@ import torch
 from timm.models.resnet import Bottleneck, ResNet
 
 import pixify
-from pixify import ops, triton_kernels
+from pixify import ops
+from pixify.ops import args, layout, triton_kernels
 from pixify.config import SETTINGS
 from pixify.ops import pick_or_mix, pick_or_mix_reference
 from conftest import randomize_pix
@@ -80,7 +81,7 @@ def make(layout, n, c, spatial, dtype, ties):
 
 
 def layout_of(t, cd):
-    return ops._layout_of(t, ops._norm_dim(cd, t.dim()))
+    return layout._layout_of(t, args._norm_dim(cd, t.dim()))
 
 
 CASES = [  # (channels, zeta): divisible, a short last subset, odd zeta, zeta 1, one subset
@@ -119,9 +120,13 @@ def test_forward_backward_match_reference(calls, variant, c, zeta, layout, dtype
 
     xg = x.detach().requires_grad_()
     pg = p.clone().requires_grad_()
+    plan = ops.explain(xg, p=pg, zeta=zeta, channel_dim=cd)
+    assert (plan.forward, plan.backward) == ("triton", "triton"), plan
     got = pick_or_mix(xg, pg, zeta, 0.5, cd)
     got.backward(grad.to(dtype))
     assert calls == {"forward": 1, "backward": 1}
+    ran = ops.last_backend()
+    assert (ran["forward"], ran["backward"]) == ("triton", "triton")
     tol = TOL[dtype]
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
     torch.testing.assert_close(xg.grad.double(), xr.grad, rtol=tol, atol=tol)

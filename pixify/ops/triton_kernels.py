@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import PRIVATE_TORCH_OK, SETTINGS
+from ..config import PRIVATE_TORCH_OK, SETTINGS
 
 try:  # triton ships with CUDA builds of torch on Linux; without it CUDA uses the generic kernels
     import triton

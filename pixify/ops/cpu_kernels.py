@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import PRIVATE_TORCH_OK
+from ..config import PRIVATE_TORCH_OK
 
 __all__ = ["ZETAS", "available", "fused_interleaved", "fused_interleaved_backward"]
 
