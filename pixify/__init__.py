@@ -8,12 +8,14 @@ Public API::
     model = pixify.load("model.safetensors")                # rebuild, re-apply, load strictly
     result = pixify.finetune("model.safetensors", "train/") # distil the original back into it
     metrics = pixify.evaluate(result.checkpoint, "val/")    # top-1/top-5, agreement with the original
+    pixify.export("model.safetensors", "model.onnx")        # ONNX or .pt2, checked against eager
 """
 
 __version__ = "0.1.0"
 
 from .checkpoint import load, read_recipe, save  # noqa: E402
 from .conversion import ConversionReport, convert, inspect, recalibrate_batchnorm  # noqa: E402
+from .deploy import ExportReport, export  # noqa: E402
 from .errors import CheckpointError, PixifyError, PixifyWarning, RuleError  # noqa: E402
 from .ops import PiX, pix, pick_or_mix  # noqa: E402
 from .rewrite import PiXBlock  # noqa: E402
@@ -25,5 +27,5 @@ __all__ = [
     "__version__", "convert", "inspect", "save", "load", "read_recipe", "create_model", "recalibrate_batchnorm",
     "ConversionReport", "PiX", "PiXBlock", "pix", "pick_or_mix", "Rule", "register_rule", "builtin_rules",
     "Source", "PixifyError", "PixifyWarning", "RuleError", "CheckpointError", "finetune", "evaluate",
-    "FinetuneConfig", "FinetuneResult",
+    "FinetuneConfig", "FinetuneResult", "export", "ExportReport",
 ]

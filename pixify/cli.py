@@ -671,6 +671,34 @@ def eval_cmd(
     _console().print(t)
 
 
+@app.command(name="export", epilog="Example: pixify export r50_pix.safetensors -o r50_pix.onnx")
+def export_cmd(
+    checkpoint: Path = typer.Argument(..., help="pixify checkpoint to export"),
+    output: Path = typer.Option(..., "--output", "-o", help="model.onnx (ONNX) or model.pt2 (torch.export)"),
+    batch: str = typer.Option("dynamic", "--batch", help="'dynamic' or a fixed batch size"),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset"),
+    check: bool = typer.Option(True, "--check/--no-check", help="run the exported graph (ONNX Runtime / "
+                               "torch.export.load) and compare it with the eager model before keeping it"),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W [default: the conversion's]"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Export a converted model for deployment (ONNX or torch.export), checked against eager PyTorch."""
+    from .deploy import export
+
+    if not Path(checkpoint).is_file():
+        raise PixifyError(f"checkpoint not found: {checkpoint}")
+    rep = export(checkpoint, output, batch=batch, opset=opset, check=check, input_size=_parse_input_size(input_size))
+    if as_json:
+        print(json.dumps(rep.to_json(), indent=2))
+        return
+    con = _console()
+    what = f"{rep.format}" + (f", opset {rep.opset}, {rep.nodes} nodes" if rep.opset else "")
+    con.print(f"wrote {rep.path} ({what}; batch {rep.batch}; input {tuple(rep.input_shape)}) in {rep.seconds:.1f} s")
+    for c in rep.checked:
+        con.print(f"checked on {c['input']}: max |difference| {c['max_abs_diff']:.2e}, "
+                  f"top-1 agreement {c['top1_agreement']:.1f}%")
+
+
 # ------------------------------------------------------------------------------------------- entry point
 
 def main(argv: Optional[list[str]] = None) -> int:

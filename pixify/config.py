@@ -72,7 +72,7 @@ class Settings:
     """The current values (read them as attributes; change them with :func:`override`)."""
 
     __slots__ = ("compiled_kernels", "compiled_pix", "triton_channels_inner", "debug", "fast_cpu",
-                 "reference_depth", "eager_depth")
+                 "reference_depth", "eager_depth", "export_depth")
 
     def __init__(self) -> None:
         self.compiled_kernels = _env_bool("PIXIFY_COMPILED_KERNELS", True)
@@ -82,6 +82,7 @@ class Settings:
         self.fast_cpu = True
         self.reference_depth = 0  # open reference_mode() blocks
         self.eager_depth = 0  # open eager_kernels() blocks
+        self.export_depth = 0  # open export_mode() blocks
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}

@@ -39,7 +39,7 @@ SUBSTITUTE = {
 }
 # Examples that take minutes on this machine (fine-tuning ResNet-50, DDP, timing) run in the slow suite
 # (`pytest -m slow`, which CI runs too).
-SLOW = ("torchrun", "pixify bench", "pixify finetune", "pixify eval")
+SLOW = ("torchrun", "pixify bench", "pixify finetune", "pixify eval", "pixify export")
 SLOW_PYTHON = ("pixify.finetune(",)
 
 

@@ -78,7 +78,7 @@ from .explain import Explanation, explain
 from .inductor import compiled_kernel_failures, compiled_kernels_enabled, eager_kernels
 from .module import PiX, pix
 from .op import pick_or_mix, pix_decompositions, pix_flop_formulas
-from .reference import pick_or_mix_reference, reference_mode
+from .reference import export_mode, pick_or_mix_export, pick_or_mix_reference, reference_mode
 
 __all__ = [
     "BACKENDS",
@@ -90,8 +90,10 @@ __all__ = [
     "compiled_kernels_enabled",
     "eager_kernels",
     "explain",
+    "export_mode",
     "last_backend",
     "pick_or_mix",
+    "pick_or_mix_export",
     "pick_or_mix_reference",
     "pix",
     "pix_decompositions",

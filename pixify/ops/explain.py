@@ -14,7 +14,7 @@ from .layout import _dense_canon
 from .module import _triton_inference_ok, _whole_ok
 from .inductor import _compiled_view
 from .op import _decomposed_under_compile, _direct_ok
-from .reference import _reference_active
+from .reference import _export_active, _reference_active
 
 __all__ = ["Explanation", "explain"]
 
@@ -67,6 +67,8 @@ def explain(x: Tensor, weight: Tensor | None = None, zeta: int = 2, tau: float =
     else:
         grad_wanted = torch.is_grad_enabled() and (x.requires_grad or p.requires_grad)
         prefix = ""
+    if _export_active():
+        return Explanation(prefix + "the export formulation (export_mode)", None, None)
     if _reference_active():
         return Explanation(prefix + "the reference (reference_mode)", None, None)
     if _decomposed_under_compile(x, p):

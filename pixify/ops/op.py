@@ -13,7 +13,7 @@ from ..config import PRIVATE_TORCH_OK, SETTINGS
 from .args import _check_channel_dim, _check_p, _check_tau, _check_zeta, _norm_dim
 from .dispatch import _backward_impl, _forward_impl
 from .layout import _empty_canon, _layout_of, _own, _spatial_numel, _uncanon
-from .reference import _reference_active, pick_or_mix_reference
+from .reference import _export_active, _reference_active, pick_or_mix_export, pick_or_mix_reference
 
 
 _FLEXIBLE = tuple(t for t in [getattr(torch._C.Tag, "flexible_layout", None)] if t is not None)  # torch >= 2.5
@@ -109,6 +109,8 @@ def pick_or_mix(x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channel_dim: 
     tau = _check_tau(tau)
     channel_dim = _check_channel_dim(channel_dim)
     _check_p(x, p, zeta, _norm_dim(channel_dim, x.dim()))
+    if _export_active():
+        return pick_or_mix_export(x, p, zeta, tau, channel_dim)
     if _reference_active() or _decomposed_under_compile(x, p):
         return pick_or_mix_reference(x, p, zeta, tau, channel_dim)
     if _direct_ok(x, p):

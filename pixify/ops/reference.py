@@ -21,8 +21,19 @@ def reference_mode() -> contextlib.AbstractContextManager[None]:
     return _entered("reference_depth")
 
 
+def export_mode() -> contextlib.AbstractContextManager[None]:
+    """Inside, :func:`pick_or_mix` and :func:`pix` use :func:`pick_or_mix_export`, the formulation for
+    exported graphs (ONNX, ``torch.export``).  Nesting is allowed."""
+    return _entered("export_depth")
+
+
 def _reference_active() -> bool:
-    return SETTINGS.reference_depth > 0
+    """Reference or export mode: a plain-PyTorch formulation, no kernels."""
+    return SETTINGS.reference_depth > 0 or SETTINGS.export_depth > 0
+
+
+def _export_active() -> bool:
+    return SETTINGS.export_depth > 0
 
 
 def _fast_paths(enabled: bool) -> contextlib.AbstractContextManager[Any]:
@@ -61,3 +72,37 @@ def pick_or_mix_reference(
     fused = torch.where(pick, mx, mn)
     y = fused * p.to(x.dtype).reshape(bshape)
     return y.movedim(-1, cd)
+
+
+def pick_or_mix_export(x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channel_dim: int = 1) -> Tensor:
+    """The forward step as an exported graph wants it: equal to :func:`pick_or_mix_reference`, but without
+    moving the channel dimension (no full-size transposes): the subsets are a reshape of the channel axis,
+    reduced over one axis (max, and a sum whose 1/|subset| goes into the coefficient); the pick/mix
+    decision and the coefficient are computed on the small (N, G) tensor; one output-sized select and one
+    multiply remain.  Forward only (an exported graph is for inference)."""
+    zeta = _check_zeta(zeta)
+    tau = _check_tau(tau)
+    cd = _norm_dim(_check_channel_dim(channel_dim), x.dim())
+    _check_p(x, p, zeta, cd)
+    c = x.shape[cd]
+    gf, r = c // zeta, c % zeta
+    mx, sm = [], []
+    if gf:
+        main = x if not r else x.narrow(cd, 0, gf * zeta)
+        main = main.unflatten(cd, (gf, zeta))  # (..., G, zeta, ...)
+        mx.append(main.amax(dim=cd + 1))
+        sm.append(main.sum(dim=cd + 1))
+    if r:
+        tail = x.narrow(cd, gf * zeta, r)
+        mx.append(tail.amax(dim=cd, keepdim=True))
+        sm.append(tail.sum(dim=cd, keepdim=True))
+    mx_t = mx[0] if len(mx) == 1 else torch.cat(mx, dim=cd)
+    sm_t = sm[0] if len(sm) == 1 else torch.cat(sm, dim=cd)
+    sizes = torch.full((p.shape[1],), float(zeta), dtype=p.dtype, device=p.device)
+    if r:
+        sizes[-1] = float(r)
+    pick = p < tau  # (N, G): decided on the small tensor
+    coef = torch.where(pick, p, p / sizes).to(x.dtype)
+    shape = [1] * x.dim()
+    shape[0], shape[cd] = p.shape[0], p.shape[1]
+    return torch.where(pick.reshape(shape), mx_t, sm_t) * coef.reshape(shape)

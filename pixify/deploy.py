@@ -1,0 +1,195 @@
+"""Export a converted model for deployment: ONNX (``.onnx``, run by ONNX Runtime) or ``torch.export``
+(``.pt2``), checked against the eager model before the file is kept.
+
+PiX is written into the graph as its export formulation (:func:`pixify.ops.pick_or_mix_export`: a reshape of
+the channel axis, reductions over one axis, the decision and coefficient on the small N×G tensor; no
+full-size transposes), so the exported graph needs nothing from pixify to run.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PixifyError
+from .metrics import _logits
+from .ops import export_mode
+from .outputs import atomic_write, check_output_file
+
+__all__ = ["export", "ExportReport", "FORMATS"]
+
+FORMATS = {".onnx": "onnx", ".pt2": "torch.export"}
+DEFAULT_OPSET = 18
+
+
+@dataclass
+class ExportReport:
+    path: str
+    format: str
+    batch: str  # "dynamic" or the fixed batch size
+    input_shape: list[int]
+    opset: int | None = None
+    nodes: int | None = None  # ONNX graph nodes
+    checked: list[dict[str, Any]] = field(default_factory=list)  # per checked input: batch, max_abs_diff, ...
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _load(model: nn.Module | str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    if isinstance(model, nn.Module):
+        return model.eval(), getattr(model, "pixify_recipe", None) or {}
+    from .checkpoint import load
+
+    m = load(model)
+    return m, m.pixify_recipe
+
+
+def _example(model: nn.Module, recipe: dict[str, Any], batch: int, input_size: tuple[int, ...] | None,
+             seed: int = 0) -> torch.Tensor:
+    from .graph import example_input_for
+
+    if input_size is None:
+        shape = recipe.get("input_shape")
+        input_size = tuple(shape[1:]) if isinstance(shape, list) and len(shape) > 1 else None
+    return example_input_for(model, batch_size=batch, input_size=input_size, seed=seed)
+
+
+def _parse_batch(batch: Any) -> int | None:
+    """None for a dynamic batch axis, else the fixed batch size."""
+    if batch in (None, "dynamic"):
+        return None
+    try:
+        b = int(batch)
+    except (TypeError, ValueError):
+        raise PixifyError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}") from None
+    if b < 1:
+        raise PixifyError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}")
+    return b
+
+
+def export(model: nn.Module | str | Path, path: str | Path, *, batch: int | str = "dynamic",
+           opset: int = DEFAULT_OPSET, check: bool = True, input_size: tuple[int, ...] | None = None,
+           inputs: torch.Tensor | None = None, atol: float = 1e-4) -> ExportReport:
+    """Export ``model`` (a converted model or a pixify checkpoint) to ``path``.
+
+    Args:
+        path: ``.onnx`` (ONNX, through ``torch.onnx.export(dynamo=True)``) or ``.pt2`` (``torch.export``).
+        batch: ``"dynamic"`` (a symbolic batch axis) or a fixed batch size.
+        opset: the ONNX opset.
+        check: run the exported graph (ONNX Runtime, or ``torch.export.load``) on random inputs, and on
+            ``inputs`` when given, and compare with the eager model: the largest absolute difference must be
+            within ``atol`` times the outputs' scale, else nothing is written.
+        input_size: (C, H, W) of the input (default: the conversion's).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    p = Path(path)
+    kind = FORMATS.get(p.suffix.lower())
+    if kind is None:
+        raise PixifyError(f"cannot tell the export format from {p.name}", "use a .onnx or .pt2 file name")
+    check_output_file(p, "-o")
+    fixed = _parse_batch(batch)
+    if not isinstance(opset, int) or not 7 <= opset <= 30:
+        raise PixifyError(f"--opset must be an integer between 7 and 30, got {opset!r}")
+    if kind == "onnx" and check:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise PixifyError("checking an ONNX export needs onnxruntime",
+                              "pip install 'pixify[deploy]', or pass --no-check") from None
+    model, recipe = _load(model)
+    model = model.eval()
+    trace_batch = fixed if fixed is not None else 2  # torch.export specialises sizes 0 and 1
+    example = _example(model, recipe, trace_batch, input_size)
+    report = ExportReport(str(p), kind, "dynamic" if fixed is None else str(fixed), list(example.shape[1:]),
+                          opset if kind == "onnx" else None)
+    with tempfile.TemporaryDirectory(prefix="pixify-export-") as tmp:
+        staged = Path(tmp) / ("model" + p.suffix.lower())
+        with torch.no_grad(), export_mode():
+            if kind == "onnx":
+                report.nodes = _to_onnx(model, example, staged, fixed is None, opset)
+            else:
+                _to_pt2(model, example, staged, fixed is None)
+        if check:
+            sizes = [trace_batch] if fixed is not None else sorted({1, 2, 3})
+            for i, b in enumerate(sizes):
+                x = _example(model, recipe, b, input_size, seed=i + 1)
+                report.checked.append(_compare(model, staged, kind, x, atol, f"random batch {b}"))
+            if inputs is not None:
+                report.checked.append(_compare(model, staged, kind, inputs, atol, "the given inputs"))
+        data = staged.read_bytes()
+    atomic_write(p, lambda t: Path(t).write_bytes(data))
+    report.seconds = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _to_onnx(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool, opset: int) -> int:
+    import warnings
+
+    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(_Wrapped(model), (example,), dynamo=True, opset_version=opset,
+                                     dynamic_shapes=dyn, input_names=["x"], output_names=["y"], verbose=False)
+            prog.save(str(out))
+    except Exception as exc:  # noqa: BLE001 - the exporter's many failure types: one line for the user
+        raise PixifyError(f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
+                          "try .pt2 (torch.export), or --batch N") from None
+    import onnx
+
+    return len(onnx.load(str(out), load_external_data=False).graph.node)
+
+
+def _to_pt2(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool) -> None:
+    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
+    try:
+        ep = torch.export.export(_Wrapped(model), (example,), dynamic_shapes=dyn)
+        torch.export.save(ep, str(out))
+    except Exception as exc:  # noqa: BLE001
+        raise PixifyError(f"torch.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
+                          "try --batch N") from None
+
+
+class _Wrapped(nn.Module):
+    """One tensor in, the logits out (timm and torchvision models already are; a wrapper names the input)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _logits(self.model(x))
+
+
+def _compare(model: nn.Module, path: Path, kind: str, x: torch.Tensor, atol: float, what: str) -> dict[str, Any]:
+    with torch.no_grad():
+        want = _logits(model(x)).float()
+    if kind == "onnx":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.float().numpy()})[0])
+    else:
+        with torch.no_grad():
+            got = torch.export.load(str(path)).module()(x).float()
+    if tuple(got.shape) != tuple(want.shape):
+        raise PixifyError(f"the exported graph gives {tuple(got.shape)} for {what}, the model {tuple(want.shape)}")
+    diff = float((got - want).abs().max())
+    scale = max(1.0, float(want.abs().max()))
+    if not math.isfinite(diff) or diff > atol * scale:
+        raise PixifyError(f"the exported graph differs from the model on {what}: max |difference| {diff:.3g} "
+                          f"(allowed {atol * scale:.3g}); nothing was written", "report this as a pixify bug")
+    agree = float((got.argmax(-1) == want.argmax(-1)).float().mean() * 100) if want.dim() == 2 else None
+    return {"input": what, "batch": int(x.shape[0]), "max_abs_diff": diff, "top1_agreement": agree}
