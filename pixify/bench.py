@@ -16,6 +16,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -286,3 +287,69 @@ class BenchReport:
         d = asdict(self)
         d["timings"] = [t.to_json() for t in self.timings]
         return d
+
+
+class _SlicePiX(nn.Module):
+    """Stand-in for PiX in an exported graph: every ζ-th channel (a strided slice, about free), so that the
+    layers before it stay in the graph (a constant would let the runtime drop them)."""
+
+    def __init__(self, pix: nn.Module):
+        super().__init__()
+        self.zeta, self.channel_dim = pix.zeta, pix.channel_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = [slice(None)] * x.dim()
+        index[self.channel_dim] = slice(None, None, self.zeta)
+        return x[tuple(index)]
+
+
+def bench_onnxruntime(original: nn.Module, converted: nn.Module, input_size: tuple[int, ...],
+                      batch_sizes: tuple[int, ...] = (1, 8), threads: int | None = None, rounds: int = 15,
+                      warmup: int = 3, floor: bool = False,
+                      progress: Callable[[str], None] | None = None) -> list[Timing]:
+    """Inference latency of the exported graphs in ONNX Runtime (CPU): converted vs original, alternating in
+    one process, per batch size; ``floor``: also a copy whose PiX modules are strided channel slices."""
+    import tempfile
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise PixifyError("--runtime onnxruntime needs onnxruntime", "pip install 'pixify[deploy]'") from None
+    from .deploy import _to_onnx
+    from .ops import PiX, export_mode
+
+    models = {"original": original, "converted": converted}
+    if floor:
+        free = copy.deepcopy(converted)
+        for name, mod in list(free.named_modules()):
+            if isinstance(mod, PiX):
+                free.set_submodule(name, _SlicePiX(mod))
+        models["free"] = free
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    sessions = {}
+    with tempfile.TemporaryDirectory(prefix="pixify-bench-") as tmp:
+        for key, m in models.items():
+            if progress:
+                progress(f"exporting the {key} model to ONNX")
+            path = Path(tmp) / f"{key}.onnx"
+            with torch.no_grad(), export_mode():
+                _to_onnx(m.eval(), torch.randn(2, *input_size), path, True, 18)
+            sessions[key] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    cpu = torch.device("cpu")
+    results: list[Timing] = []
+    g = torch.Generator().manual_seed(0)
+    for bs in batch_sizes:
+        feed = {"x": torch.randn((bs, *input_size), generator=g).numpy()}
+        if progress:
+            progress(f"onnxruntime inference, batch {bs}")
+        run = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
+        a, b, ratio, n = time_pair(run["original"], run["converted"], cpu, rounds, warmup)
+        results.append(Timing("inference (onnxruntime)", bs, a, b, ratio, n))
+        if floor:
+            a, b, ratio, n = time_pair(run["original"], run["free"], cpu, rounds, warmup)
+            results.append(Timing("inference, PiX free (bound) (onnxruntime)", bs, a, b, ratio, n))
+    return results

@@ -402,6 +402,8 @@ def bench(
     rounds: int = typer.Option(15, "--rounds", help="timed rounds per measurement (median)"),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W (default: the model's)"),
     op: bool = typer.Option(False, "--op", help="op-level: PiX vs one pass over its input vs the 1x1 conv"),
+    runtime: str = typer.Option("eager", "--runtime", help="eager (PyTorch, with --compile: torch.compile) or "
+                                "onnxruntime (the exported graphs, CPU; inference only)"),
     floor: bool = typer.Option(False, "--floor", help="also time the converted model with every PiX made free "
                                "(inference): the best ratio any PiX kernel could reach here"),
     malloc: str = typer.Option("tuned", "--malloc", help="tuned: glibc reuses freed memory (mmap threshold "
@@ -426,6 +428,11 @@ def bench(
         torch.set_num_threads(threads)
     if rounds < 1:
         raise PixifyError(f"--rounds must be >= 1, got {rounds}")
+    if runtime not in ("eager", "onnxruntime"):
+        raise PixifyError(f"--runtime must be eager or onnxruntime, got '{runtime}'")
+    if runtime == "onnxruntime" and (compile or device != "cpu" or dtype != "float32" or channels_last):
+        raise PixifyError("--runtime onnxruntime times the exported fp32 graphs on the CPU",
+                          "drop --compile/--compile-mode, --device, --dtype and --channels-last")
     if malloc not in ("tuned", "system"):
         raise PixifyError(f"--malloc must be tuned or system, got '{malloc}'")
     if compile_mode is not None and compile_mode not in _COMPILE_MODES:
@@ -464,9 +471,14 @@ def bench(
     recipe = converted.pixify_recipe
     size = (_parse_input_size(input_size) or tuple((recipe.get("data_config") or {}).get("input_size") or ())
             or tuple(recipe.get("input_shape", [1, 3, 224, 224])[1:]))  # the remembered preprocessing first
-    timings = bench_models(original, converted, size, sizes, device, dtypes[dtype], compile, train, rounds,
-                           channels_last=channels_last, floor=floor, compile_mode=compile_mode,
-                           progress=None if as_json else (lambda m: con.print(f"[dim]timing {m}...[/dim]")))
+    say = None if as_json else (lambda m: con.print(f"[dim]{m}...[/dim]"))
+    if runtime == "onnxruntime":
+        from .bench import bench_onnxruntime
+
+        timings = bench_onnxruntime(original, converted, size, sizes, threads, rounds, floor=floor, progress=say)
+    else:
+        timings = bench_models(original, converted, size, sizes, device, dtypes[dtype], compile, train, rounds,
+                               channels_last=channels_last, floor=floor, compile_mode=compile_mode, progress=say)
     rep = BenchReport(label, zeta, device, torch.get_num_threads(), compile, report_macs, report_params, timings,
                       malloc=malloc_state, compile_mode=compile_mode)
     if as_json:

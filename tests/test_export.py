@@ -131,3 +131,20 @@ def test_export_real_architectures(tmp_path, name, mode, kwargs, size):
     for out in ("m.onnx", "m.pt2"):  # export raises unless every check is within 1e-4 of the logits' scale
         rep = pixify.export(conv, tmp_path / out, input_size=size)
         assert [c["batch"] for c in rep.checked] == [1, 2, 3] and (tmp_path / out).is_file()
+
+
+def test_bench_in_onnx_runtime_times_the_exported_graphs(tmp_path, capsys):
+    """Structure only (timings are measured in benchmarks, never asserted): one row per batch size and
+    measure, the PiX-free bound included."""
+    import json
+
+    ckpt = tmp_path / "m.safetensors"
+    pixify.save(_tiny(), ckpt)
+    assert main(["bench", str(ckpt), "--runtime", "onnxruntime", "--floor", "--batch-size", "1,2", "--rounds", "1",
+                 "--threads", "1", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    rows = [(t["what"], t["batch_size"]) for t in rep["timings"]]
+    assert rows == [("inference (onnxruntime)", 1), ("inference, PiX free (bound) (onnxruntime)", 1),
+                    ("inference (onnxruntime)", 2), ("inference, PiX free (bound) (onnxruntime)", 2)]
+    assert all(t["original_ms"] > 0 and t["converted_ms"] > 0 for t in rep["timings"])
+    assert main(["bench", str(ckpt), "--runtime", "onnxruntime", "--compile"]) == 2
