@@ -149,8 +149,10 @@ def _check_size(source, path: str | Path) -> None:
         with torch.device("meta"):
             meta = build_architecture(source.library, source.name, source.kwargs, source.pretrained_cfg)
     except PixifyError as exc:
-        raise CheckpointError(f"{Path(path).name}: {exc.message}", exc.hint) from None
-    except Exception:  # noqa: BLE001 - a constructor that needs real data: judged by the real build below
+        if not exc.message.startswith("cannot build"):  # an unknown model: say so now
+            raise CheckpointError(f"{Path(path).name}: {exc.message}", exc.hint) from None
+        return  # a constructor that needs real data on the meta device: the real build below judges it
+    except Exception:  # noqa: BLE001 - the same, for errors a constructor raises that are not wrapped
         return
     held = _stored_numel(path)
     need = sum(t.numel() for t in meta.parameters()) + sum(t.numel() for t in meta.buffers())
