@@ -353,3 +353,48 @@ def bench_onnxruntime(original: nn.Module, converted: nn.Module, input_size: tup
             a, b, ratio, n = time_pair(run["original"], run["free"], cpu, rounds, warmup)
             results.append(Timing("inference, PiX free (bound) (onnxruntime)", bs, a, b, ratio, n))
     return results
+
+
+def bench_torch_export(original: nn.Module, converted: nn.Module, input_size: tuple[int, ...],
+                       batch_sizes: tuple[int, ...] = (1, 8), rounds: int = 15, warmup: int = 3,
+                       floor: bool = False, progress: Callable[[str], None] | None = None) -> list[Timing]:
+    """Inference latency of the ``torch.export`` programs (as ``pixify export -o m.pt2`` writes them, run by
+    ``torch.export.load(...).module()``): converted vs original, alternating in one process."""
+    from .deploy import _Wrapped
+    from .ops import PiX, export_mode
+
+    models = {"original": original, "converted": converted}
+    if floor:
+        free = copy.deepcopy(converted)
+        for name, mod in list(free.named_modules()):
+            if isinstance(mod, PiX):
+                free.set_submodule(name, _SlicePiX(mod))
+        models["free"] = free
+    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    programs = {}
+    for key, m in models.items():
+        if progress:
+            progress(f"exporting the {key} model with torch.export")
+        with torch.no_grad(), export_mode():
+            programs[key] = torch.export.export(_Wrapped(m.eval()), (torch.randn(2, *input_size),),
+                                                dynamic_shapes=dyn).module()
+    cpu = torch.device("cpu")
+    results: list[Timing] = []
+    g = torch.Generator().manual_seed(0)
+    for bs in batch_sizes:
+        x = torch.randn((bs, *input_size), generator=g)
+        if progress:
+            progress(f"torch.export inference, batch {bs}")
+
+        def runner(prog):
+            def f():
+                with torch.inference_mode():
+                    return prog(x)
+            return f
+
+        a, b, ratio, n = time_pair(runner(programs["original"]), runner(programs["converted"]), cpu, rounds, warmup)
+        results.append(Timing("inference (torch.export)", bs, a, b, ratio, n))
+        if floor:
+            a, b, ratio, n = time_pair(runner(programs["original"]), runner(programs["free"]), cpu, rounds, warmup)
+            results.append(Timing("inference, PiX free (bound) (torch.export)", bs, a, b, ratio, n))
+    return results

@@ -402,8 +402,8 @@ def bench(
     rounds: int = typer.Option(15, "--rounds", help="timed rounds per measurement (median)"),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="C,H,W (default: the model's)"),
     op: bool = typer.Option(False, "--op", help="op-level: PiX vs one pass over its input vs the 1x1 conv"),
-    runtime: str = typer.Option("eager", "--runtime", help="eager (PyTorch, with --compile: torch.compile) or "
-                                "onnxruntime (the exported graphs, CPU; inference only)"),
+    runtime: str = typer.Option("eager", "--runtime", help="eager (PyTorch, with --compile: torch.compile), "
+                                "onnxruntime or torch.export (the exported graphs, CPU; inference only)"),
     floor: bool = typer.Option(False, "--floor", help="also time the converted model with every PiX made free "
                                "(inference): the best ratio any PiX kernel could reach here"),
     malloc: str = typer.Option("tuned", "--malloc", help="tuned: glibc reuses freed memory (mmap threshold "
@@ -428,10 +428,10 @@ def bench(
         torch.set_num_threads(threads)
     if rounds < 1:
         raise PixifyError(f"--rounds must be >= 1, got {rounds}")
-    if runtime not in ("eager", "onnxruntime"):
-        raise PixifyError(f"--runtime must be eager or onnxruntime, got '{runtime}'")
-    if runtime == "onnxruntime" and (compile or device != "cpu" or dtype != "float32" or channels_last):
-        raise PixifyError("--runtime onnxruntime times the exported fp32 graphs on the CPU",
+    if runtime not in ("eager", "onnxruntime", "torch.export"):
+        raise PixifyError(f"--runtime must be eager, onnxruntime or torch.export, got '{runtime}'")
+    if runtime != "eager" and (compile or device != "cpu" or dtype != "float32" or channels_last):
+        raise PixifyError(f"--runtime {runtime} times the exported fp32 graphs on the CPU",
                           "drop --compile/--compile-mode, --device, --dtype and --channels-last")
     if malloc not in ("tuned", "system"):
         raise PixifyError(f"--malloc must be tuned or system, got '{malloc}'")
@@ -476,6 +476,10 @@ def bench(
         from .bench import bench_onnxruntime
 
         timings = bench_onnxruntime(original, converted, size, sizes, threads, rounds, floor=floor, progress=say)
+    elif runtime == "torch.export":
+        from .bench import bench_torch_export
+
+        timings = bench_torch_export(original, converted, size, sizes, rounds, floor=floor, progress=say)
     else:
         timings = bench_models(original, converted, size, sizes, device, dtypes[dtype], compile, train, rounds,
                                channels_last=channels_last, floor=floor, compile_mode=compile_mode, progress=say)

@@ -148,3 +148,8 @@ def test_bench_in_onnx_runtime_times_the_exported_graphs(tmp_path, capsys):
                     ("inference (onnxruntime)", 2), ("inference, PiX free (bound) (onnxruntime)", 2)]
     assert all(t["original_ms"] > 0 and t["converted_ms"] > 0 for t in rep["timings"])
     assert main(["bench", str(ckpt), "--runtime", "onnxruntime", "--compile"]) == 2
+    assert main(["bench", str(ckpt), "--runtime", "torch.export", "--floor", "--batch-size", "1", "--rounds", "1",
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [t["what"] for t in rep["timings"]] == ["inference (torch.export)",
+                                                   "inference, PiX free (bound) (torch.export)"]
