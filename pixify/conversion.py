@@ -145,6 +145,18 @@ def _prepare(model: nn.Module, zeta, tau, preset, mode, rules, example_input):
     return zeta, tau, rule_list, example_input
 
 
+def _reordered(model: nn.Module, sites: list[SiteRecord], fit: list[torch.Tensor]) -> nn.Module:
+    """An eval-mode copy of ``model`` with the channels feeding its pair-pooling site options reordered
+    (:func:`pixify.reorder.reorder_sites`); the names of the reordered sites in ``_pixify_reordered``."""
+    from .recovery import site_options
+    from .reorder import reorder_sites
+
+    base = copy.deepcopy(model).eval()
+    info = reorder_sites(base, site_options(sites), fit)
+    base._pixify_reordered = info["reordered"]
+    return base
+
+
 def _calibration_inputs(calibration: Iterable[Any], example: Any) -> list[torch.Tensor]:
     """The input batches of ``calibration`` (batches or ``(input, target)`` pairs), checked: floating-point
     tensors shaped like the example input, apart from the batch size."""
@@ -194,9 +206,8 @@ def inspect(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
 
         fit, held = split_batches(_calibration_inputs(
             calibration, example_input if example_input is not None else example_input_for(model)))
-        was = model.training
-        costs = site_costs(model.eval(), site_options(report.sites), fit, held, progress=progress)
-        model.train(was)
+        base = _reordered(model, report.sites, fit)
+        costs = site_costs(base, site_options(report.sites), fit, held, progress=progress)
         report.selection = {"costs": [c.to_json() for c in costs], "fit_images": sum(len(b) for b in fit),
                             "held_out_images": sum(len(b) for b in held)}
     return report
@@ -282,13 +293,17 @@ def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, 
         from .recovery import keep_norm, split_batches
 
         fit, held = split_batches(_calibration_inputs(calibration, example))
-        if inplace:
-            teacher = copy.deepcopy(model)  # the fits need the original
+        # the fits need the original: a copy whose channels feeding pair-pooling sites are reordered so
+        # that each pair pools with little loss (the same function; see pixify.reorder)
+        teacher = _reordered(model, report.sites, fit)
         if budget is not None:
             report.sites, report.selection = _select(teacher, report.sites, budget, fit, held, macs_before, progress)
         report.sites = keep_norm(report.sites)  # a pure site's norm holds the fitted affine map
 
-    out = model if inplace else copy.deepcopy(model)
+    if teacher is not model and inplace:
+        model.load_state_dict(teacher.state_dict())  # the reordered weights, in the user's own module
+    out = model if inplace else copy.deepcopy(teacher)
+    out.__dict__.pop("_pixify_reordered", None)
     apply_sites(out, report.sites)
     out.eval()
     with torch.no_grad():
@@ -305,6 +320,7 @@ def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, 
         from .recovery import initialise
 
         report.init = initialise(out, teacher, report.sites, fit, held, progress=progress)
+        report.init["reordered_sites"] = len(getattr(teacher, "_pixify_reordered", []))
         report.agreement = report.init.pop("final")
         report.agreement_on = f"{report.init['held_out_images']} held-out calibration images"
         out.eval()
@@ -419,7 +435,8 @@ def make_recipe(report: ConversionReport, source: Source) -> dict[str, Any]:
         "sites": [s.to_json() for s in report.sites if s.action != "skip"],
         "input_shape": list(report.input_shape),
         **({"selection": {k: v for k, v in report.selection.items() if k != "costs"}} if report.selection else {}),
-        **({"init": {k: report.init[k] for k in ("kept", "agreement_before", "agreement_after", "fit_images",
+        **({"init": {k: report.init[k] for k in ("kept", "agreement_before", "agreement_after", "reordered_sites",
+                                                 "fit_images",
                                                  "held_out_images")}} if report.init else {}),
         "macs_before": report.macs_before,
         "macs_after": report.macs_after,

@@ -11,6 +11,7 @@ import json
 import pytest
 import timm
 import torch
+from torch import nn
 
 import pixify
 from pixify.cli import main as cli_main
@@ -193,3 +194,33 @@ def test_cli_data_budget_and_remembered_preprocessing(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["selection"]["costs"]
     assert cli_main(["convert", "resnet26", "--no-pretrained", "--std", "0", "-o", str(tmp_path / "s.safetensors")]) == 2
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_reordering_keeps_the_function_and_pairs_channels_that_pool_well():
+    """Channels between a dense layer and the layer PiX reads for are reordered so that each pooled pair
+    loses little; the network computes the same function. Duplicated filters must end up paired."""
+    from types import SimpleNamespace
+
+    from pixify.reorder import reorder_sites
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        w = torch.randn(4, 3, 3, 3)
+        net[0].weight.copy_(w[[0, 1, 2, 3, 0, 1, 2, 3]])  # channel c and c+4 are the same filter
+        net[0].bias.copy_(torch.zeros(8))
+        net[3].weight.copy_(torch.ones(8, 1, 3, 3) / 9)
+        net[3].bias.zero_()
+    net.eval()
+    x = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        before = net(x[0])
+    info = reorder_sites(net, [SimpleNamespace(name="6", zeta=2, channel_dim=1, action="prune")], x)
+    assert info["reordered"] == ["6"]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x[0]), before, rtol=1e-5, atol=1e-5)
+        rows = net[0].weight.reshape(8, -1)
+        for i in range(0, 8, 2):  # every consecutive pair is one duplicated filter
+            torch.testing.assert_close(rows[i], rows[i + 1])
