@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..config import SETTINGS, _entered, override
+from ..config import SETTINGS, _entered
 from .args import _check_channel_dim, _check_p, _check_tau, _check_zeta, _norm_dim
 
 
@@ -34,11 +33,6 @@ def _reference_active() -> bool:
 
 def _export_active() -> bool:
     return SETTINGS.export_depth > 0
-
-
-def _fast_paths(enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """Internal: enable/disable the CPU fast kernels (tests compare both)."""
-    return override(fast_cpu=enabled)
 
 
 def pick_or_mix_reference(

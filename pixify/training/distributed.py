@@ -8,8 +8,7 @@ import random
 import torch
 from torch import nn
 
-__all__ = ["rank", "world", "seed_all", "epoch_seed", "default_device", "unwrap", "setup_distributed",
-           "destroy_distributed"]
+__all__ = ["destroy_distributed"]
 
 
 def _rank() -> int:
@@ -80,5 +79,4 @@ def _destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-rank, world, seed_all, epoch_seed, default_device, unwrap = _rank, _world, _seed_all, _epoch_seed, _default_device, _unwrap
-setup_distributed, destroy_distributed = _setup_distributed, _destroy_distributed
+destroy_distributed = _destroy_distributed

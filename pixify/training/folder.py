@@ -8,7 +8,7 @@ from typing import Sequence
 from ..errors import Interrupted, PixifyError
 from ..outputs import RunLock
 
-__all__ = ["RunFolder"]
+__all__: list[str] = []
 
 
 class _RunFolder:
@@ -67,6 +67,3 @@ class _RunFolder:
                 raise Interrupted(f"kept {self.files[0]} and its training state; continue with --resume") from None
             raise Interrupted("before the first checkpoint; nothing was kept") from None
         return None
-
-
-RunFolder = _RunFolder

@@ -15,7 +15,7 @@ from .config import FinetuneConfig
 from .logs import _Progress
 from .models import _batch_input
 
-__all__ = ["initialise", "refit_from_teacher"]
+__all__ = ["refit_from_teacher"]
 
 
 def _pix_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -190,6 +190,3 @@ def _initialise(student: nn.Module, teacher: nn.Module, loader: Iterable, cfg: F
                     calib_rel_logit_error=m["rel_logit_error"], kept="as converted")
     info["seconds"] = round(time.perf_counter() - t0, 2)
     return info
-
-
-initialise = _initialise

@@ -10,7 +10,7 @@ from typing import Any
 from ..checkpoint import atomic_write
 from .distributed import _rank
 
-__all__ = ["Progress", "append_log", "truncate_log", "plot_log"]
+__all__ = ["plot_log"]
 
 
 class _Progress:
@@ -133,6 +133,3 @@ def plot_log(log_path: str | Path, png_path: str | Path) -> Path | None:
     finally:
         plt.close(fig)
     return Path(png_path)
-
-
-Progress, append_log, truncate_log = _Progress, _append_log, _truncate_log

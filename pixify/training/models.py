@@ -13,7 +13,7 @@ from ..checkpoint import read_recipe
 from ..errors import PixifyError
 from .distributed import _unwrap
 
-__all__ = ["load_student", "load_teacher", "near", "check_classes", "batch_input"]
+__all__ = ["load_student", "load_teacher"]
 
 
 def _num_outputs(model: nn.Module) -> int | None:
@@ -86,4 +86,4 @@ def _check_classes(source, model: nn.Module) -> None:
                           "use data with the model's classes, or --unlabelled for distillation alone")
 
 
-load_student, near, check_classes, batch_input = _load_student, _near, _check_classes, _batch_input
+load_student = _load_student  # the CLI loads a checkpoint's student before it fine-tunes or evaluates it

@@ -13,8 +13,7 @@ from torch import nn
 from ..checkpoint import atomic_write
 from ..errors import PixifyError
 
-__all__ = ["CHECKPOINT_NAME", "STATE_NAME", "LOG_NAME", "PLOT_NAME", "write_state", "read_state",
-           "optimizer_from_files"]
+__all__ = ["CHECKPOINT_NAME", "STATE_NAME", "LOG_NAME", "PLOT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 STATE_NAME = "state.safetensors"
@@ -81,6 +80,3 @@ def _read_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if payload.get("version", 0) > STATE_VERSION:
         raise PixifyError(f"{path} was written by a newer pixify (state version {payload.get('version')})")
     return tensors, payload
-
-
-write_state, read_state, optimizer_from_files = _write_state, _read_state, _optimizer_from_files
