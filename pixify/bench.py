@@ -131,15 +131,16 @@ class _FreePiX(nn.Module):
         return out
 
 
-def pix_free_copy(converted: nn.Module) -> nn.Module:
+def pix_free_copy(converted: nn.Module, stand_in: type[nn.Module] | None = None) -> nn.Module:
     """A copy of ``converted`` whose PiX modules cost nothing (inference only): timing it against the
-    original gives the best ratio that any PiX kernel could reach on this machine."""
+    original gives the best ratio that any PiX kernel could reach on this machine.  ``stand_in``: the module
+    that replaces each PiX (default :class:`_FreePiX`, a stored output)."""
     from .ops import PiX
 
     free = copy.deepcopy(converted)
     for name, mod in list(free.named_modules()):
         if isinstance(mod, PiX):
-            free.set_submodule(name, _FreePiX(mod))
+            free.set_submodule(name, (stand_in or _FreePiX)(mod))
     return free
 
 
@@ -316,43 +317,21 @@ def bench_onnxruntime(original: nn.Module, converted: nn.Module, input_size: tup
     except ImportError:
         raise PixifyError("--runtime onnxruntime needs onnxruntime", "pip install 'pixify[deploy]'") from None
     from .deploy import _to_onnx
-    from .ops import PiX, export_mode
 
-    models = {"original": original, "converted": converted}
-    if floor:
-        free = copy.deepcopy(converted)
-        for name, mod in list(free.named_modules()):
-            if isinstance(mod, PiX):
-                free.set_submodule(name, _SlicePiX(mod))
-        models["free"] = free
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
-    sessions = {}
     with tempfile.TemporaryDirectory(prefix="pixify-bench-") as tmp:
-        for key, m in models.items():
-            if progress:
-                progress(f"exporting the {key} model to ONNX")
+        def prepare(key: str, model: nn.Module) -> Callable[[torch.Tensor], Any]:
             path = Path(tmp) / f"{key}.onnx"
-            with torch.no_grad(), export_mode():
-                _to_onnx(m.eval(), torch.randn(2, *input_size), path, True, 18)
-            sessions[key] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    cpu = torch.device("cpu")
-    results: list[Timing] = []
-    g = torch.Generator().manual_seed(0)
-    for bs in batch_sizes:
-        feed = {"x": torch.randn((bs, *input_size), generator=g).numpy()}
-        if progress:
-            progress(f"onnxruntime inference, batch {bs}")
-        run = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
-        a, b, ratio, n = time_pair(run["original"], run["converted"], cpu, rounds, warmup)
-        results.append(Timing("inference (onnxruntime)", bs, a, b, ratio, n))
-        if floor:
-            a, b, ratio, n = time_pair(run["original"], run["free"], cpu, rounds, warmup)
-            results.append(Timing("inference, PiX free (bound) (onnxruntime)", bs, a, b, ratio, n))
-    return results
+            _to_onnx(model, torch.randn(2, *input_size), path, True, 18)
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            return lambda x: sess.run(None, {"x": x.numpy()})
+
+        return _bench_exported("onnxruntime", prepare, original, converted, input_size, batch_sizes, rounds,
+                               warmup, floor, progress)
 
 
 def bench_torch_export(original: nn.Module, converted: nn.Module, input_size: tuple[int, ...],
@@ -360,41 +339,48 @@ def bench_torch_export(original: nn.Module, converted: nn.Module, input_size: tu
                        floor: bool = False, progress: Callable[[str], None] | None = None) -> list[Timing]:
     """Inference latency of the ``torch.export`` programs (as ``pixify export -o m.pt2`` writes them, run by
     ``torch.export.load(...).module()``): converted vs original, alternating in one process."""
-    from .deploy import _Wrapped
-    from .ops import PiX, export_mode
+    from .deploy import _exported_program
+
+    def prepare(key: str, model: nn.Module) -> Callable[[torch.Tensor], Any]:
+        program = _exported_program(model, torch.randn(2, *input_size), True).module()
+
+        def run(x: torch.Tensor) -> Any:
+            with torch.inference_mode():
+                return program(x)
+        return run
+
+    return _bench_exported("torch.export", prepare, original, converted, input_size, batch_sizes, rounds, warmup,
+                           floor, progress)
+
+
+def _bench_exported(runtime: str, prepare: Callable[[str, nn.Module], Callable[[torch.Tensor], Any]],
+                    original: nn.Module, converted: nn.Module, input_size: tuple[int, ...],
+                    batch_sizes: tuple[int, ...], rounds: int, warmup: int, floor: bool,
+                    progress: Callable[[str], None] | None) -> list[Timing]:
+    """Export the original, the converted model and (``floor``) its PiX-free copy with ``prepare(key, model)``,
+    which returns the function that runs one exported program, and time them in pairs per batch size."""
+    from .ops import export_mode
 
     models = {"original": original, "converted": converted}
     if floor:
-        free = copy.deepcopy(converted)
-        for name, mod in list(free.named_modules()):
-            if isinstance(mod, PiX):
-                free.set_submodule(name, _SlicePiX(mod))
-        models["free"] = free
-    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
-    programs = {}
+        models["free"] = pix_free_copy(converted, _SlicePiX)
+    runs = {}
     for key, m in models.items():
         if progress:
-            progress(f"exporting the {key} model with torch.export")
+            progress(f"exporting the {key} model for {runtime}")
         with torch.no_grad(), export_mode():
-            programs[key] = torch.export.export(_Wrapped(m.eval()), (torch.randn(2, *input_size),),
-                                                dynamic_shapes=dyn).module()
+            runs[key] = prepare(key, m.eval())
     cpu = torch.device("cpu")
     results: list[Timing] = []
     g = torch.Generator().manual_seed(0)
     for bs in batch_sizes:
         x = torch.randn((bs, *input_size), generator=g)
         if progress:
-            progress(f"torch.export inference, batch {bs}")
-
-        def runner(prog):
-            def f():
-                with torch.inference_mode():
-                    return prog(x)
-            return f
-
-        a, b, ratio, n = time_pair(runner(programs["original"]), runner(programs["converted"]), cpu, rounds, warmup)
-        results.append(Timing("inference (torch.export)", bs, a, b, ratio, n))
+            progress(f"{runtime} inference, batch {bs}")
+        timed = {k: (lambda run=run: run(x)) for k, run in runs.items()}
+        a, b, ratio, n = time_pair(timed["original"], timed["converted"], cpu, rounds, warmup)
+        results.append(Timing(f"inference ({runtime})", bs, a, b, ratio, n))
         if floor:
-            a, b, ratio, n = time_pair(runner(programs["original"]), runner(programs["free"]), cpu, rounds, warmup)
-            results.append(Timing("inference, PiX free (bound) (torch.export)", bs, a, b, ratio, n))
+            a, b, ratio, n = time_pair(timed["original"], timed["free"], cpu, rounds, warmup)
+            results.append(Timing(f"inference, PiX free (bound) ({runtime})", bs, a, b, ratio, n))
     return results

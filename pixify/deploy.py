@@ -9,7 +9,6 @@ full-size transposes), so the exported graph needs nothing from pixify to run.
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,30 +111,35 @@ def export(model: nn.Module | str | Path, path: str | Path, *, batch: int | str 
     example = _example(model, recipe, trace_batch, input_size)
     report = ExportReport(str(p), kind, "dynamic" if fixed is None else str(fixed), list(example.shape[1:]),
                           opset if kind == "onnx" else None)
-    with tempfile.TemporaryDirectory(prefix="pixify-export-") as tmp:
-        staged = Path(tmp) / ("model" + p.suffix.lower())
+    def write(tmp: str) -> None:  # into the temporary file beside the target: renamed into place if it checks
         with torch.no_grad(), export_mode():
             if kind == "onnx":
-                report.nodes = _to_onnx(model, example, staged, fixed is None, opset)
+                report.nodes = _to_onnx(model, example, Path(tmp), fixed is None, opset)
             else:
-                _to_pt2(model, example, staged, fixed is None)
-        if check:
-            sizes = [trace_batch] if fixed is not None else sorted({1, 2, 3})
-            for i, b in enumerate(sizes):
-                x = _example(model, recipe, b, input_size, seed=i + 1)
-                report.checked.append(_compare(model, staged, kind, x, atol, f"random batch {b}"))
-            if inputs is not None:
-                report.checked.append(_compare(model, staged, kind, inputs, atol, "the given inputs"))
-        data = staged.read_bytes()
-    atomic_write(p, lambda t: Path(t).write_bytes(data))
+                _to_pt2(model, example, Path(tmp), fixed is None)
+        if not check:
+            return
+        run = _runner(Path(tmp), kind)
+        sizes = [trace_batch] if fixed is not None else [1, 2, 3]
+        cases = [(_example(model, recipe, b, input_size, seed=i + 1), f"random batch {b}") for i, b in enumerate(sizes)]
+        if inputs is not None:
+            cases.append((inputs, "the given inputs"))
+        report.checked = [_compare(model, run, x, atol, what) for x, what in cases]
+
+    atomic_write(p, write, "-o")
     report.seconds = round(time.perf_counter() - t0, 2)
     return report
+
+
+def _batch_axis(dynamic: bool) -> dict | None:
+    """``dynamic_shapes`` for the one input ``x``: a symbolic batch axis, or None for the example's size."""
+    return {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
 
 
 def _to_onnx(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool, opset: int) -> int:
     import warnings
 
-    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
+    dyn = _batch_axis(dynamic)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -150,11 +154,13 @@ def _to_onnx(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool, 
     return len(onnx.load(str(out), load_external_data=False).graph.node)
 
 
+def _exported_program(model: nn.Module, example: torch.Tensor, dynamic: bool) -> torch.export.ExportedProgram:
+    return torch.export.export(_Wrapped(model), (example,), dynamic_shapes=_batch_axis(dynamic))
+
+
 def _to_pt2(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool) -> None:
-    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
     try:
-        ep = torch.export.export(_Wrapped(model), (example,), dynamic_shapes=dyn)
-        torch.export.save(ep, str(out))
+        torch.export.save(_exported_program(model, example, dynamic), str(out))
     except Exception as exc:  # noqa: BLE001
         raise PixifyError(f"torch.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
                           "try --batch N") from None
@@ -171,19 +177,28 @@ class _Wrapped(nn.Module):
         return _logits(self.model(x))
 
 
-def _compare(model: nn.Module, path: Path, kind: str, x: torch.Tensor, atol: float, what: str) -> dict[str, Any]:
-    with torch.no_grad():
-        want = _logits(model(x)).float()
+def _runner(path: Path, kind: str) -> Any:
+    """A function that runs the exported graph in ``path`` on one input (loaded once)."""
     if kind == "onnx":
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.float().numpy()})[0])
-    else:
+        name = sess.get_inputs()[0].name
+        return lambda x: torch.from_numpy(sess.run(None, {name: x.float().numpy()})[0])
+    program = torch.export.load(str(path)).module()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            got = torch.export.load(str(path)).module()(x).float()
+            return program(x).float()
+    return run
+
+
+def _compare(model: nn.Module, run: Any, x: torch.Tensor, atol: float, what: str) -> dict[str, Any]:
+    with torch.no_grad():
+        want = _logits(model(x)).float()
+    got = run(x)
     if tuple(got.shape) != tuple(want.shape):
         raise PixifyError(f"the exported graph gives {tuple(got.shape)} for {what}, the model {tuple(want.shape)}")
     diff = float((got - want).abs().max())
