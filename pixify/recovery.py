@@ -106,36 +106,47 @@ class _Acc(dict):
         self[key] = self[key] + value if key in self else value
 
 
+def module_io(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str, nn.Module, int]]:
+    """One forward pass with hooks on every submodule: ``(event, name, module, tensor id)`` in execution
+    order, ``event`` being ``"read"`` (the module's first input) or ``"wrote"`` (its output). The outputs stay
+    alive during the pass, so that an id names one tensor throughout."""
+    events: list[tuple[str, str, nn.Module, int]] = []
+    keep: list[torch.Tensor] = []
+
+    def read(name, mod, inputs):
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            events.append(("read", name, mod, id(inputs[0])))
+
+    def wrote(name, mod, out):  # returns None: the output is left as it is
+        if isinstance(out, torch.Tensor):
+            events.append(("wrote", name, mod, id(out)))
+            keep.append(out)
+
+    hooks = []
+    for name, mod in model.named_modules():
+        if mod is not model:
+            hooks.append(mod.register_forward_pre_hook(lambda m, i, name=name: read(name, m, i)))
+            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: wrote(name, m, o)))
+    try:
+        with torch.no_grad(), eager_kernels():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return events
+
+
 class _Readers:
-    """Which modules read which module's output tensor, from one forward pass with hooks."""
+    """Which modules read which module's output tensor, from one forward pass (:func:`module_io`)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
         produced: dict[int, nn.Module] = {}
         self.readers: dict[int, list[tuple[str, nn.Module]]] = {}
-        keep: list[torch.Tensor] = []  # outputs stay alive, so that no id is reused during the pass
-        hooks = []
-        for name, mod in model.named_modules():
-            if mod is model:
-                continue
-            hooks.append(mod.register_forward_pre_hook(
-                lambda m, i, name=name: self._read(produced, name, m, i)))
-            hooks.append(mod.register_forward_hook(lambda m, i, o: self._wrote(produced, keep, m, o)))
-        try:
-            with torch.no_grad(), eager_kernels():
-                model(example)
-        finally:
-            for h in hooks:
-                h.remove()
-
-    @staticmethod
-    def _wrote(produced, keep, mod, out) -> None:  # returns None: the output is left as it is
-        if isinstance(out, torch.Tensor):
-            produced.setdefault(id(out), mod)
-            keep.append(out)
-
-    def _read(self, produced, name, mod, inputs) -> None:
-        if inputs and isinstance(inputs[0], torch.Tensor) and id(inputs[0]) in produced:
-            self.readers.setdefault(id(produced[id(inputs[0])]), []).append((name, mod))
+        for event, name, mod, tid in module_io(model, example):
+            if event == "wrote":
+                produced.setdefault(tid, mod)  # the first producer: a module passing it on does not take over
+            elif tid in produced:
+                self.readers.setdefault(id(produced[tid]), []).append((name, mod))
 
     def of(self, module: nn.Module) -> list[tuple[str, nn.Module]]:
         """The modules whose first input is exactly ``module``'s output (an ``nn.Identity`` passes the very

@@ -61,37 +61,20 @@ def _dense(m: nn.Module, c: int) -> bool:
 
 class _Producers:
     """For each module, the module whose output is its first input, and how many modules read each output,
-    from one forward pass with hooks."""
+    from one forward pass (:func:`pixify.recovery.module_io`)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
+        from .recovery import module_io
+
         made: dict[int, str] = {}
         self.producer: dict[str, str] = {}
         self.readers: dict[str, int] = {}
-        keep: list[torch.Tensor] = []
-        hooks = []
-        for name, mod in model.named_modules():
-            if mod is model:
-                continue
-            hooks.append(mod.register_forward_pre_hook(lambda m, i, name=name: self._read(made, name, i)))
-            hooks.append(mod.register_forward_hook(lambda m, i, o, name=name: self._wrote(made, keep, name, o)))
-        try:
-            with torch.no_grad(), eager_kernels():
-                model(example)
-        finally:
-            for h in hooks:
-                h.remove()
-
-    @staticmethod
-    def _wrote(made, keep, name, out) -> None:
-        if isinstance(out, torch.Tensor):
-            made[id(out)] = name  # a module that passes its input through (Identity) takes it over
-            keep.append(out)
-
-    def _read(self, made, name, inputs) -> None:
-        if inputs and isinstance(inputs[0], torch.Tensor) and id(inputs[0]) in made:
-            src = made[id(inputs[0])]
-            self.producer.setdefault(name, src)
-            self.readers[src] = self.readers.get(src, 0) + 1
+        for event, name, _, tid in module_io(model, example):
+            if event == "wrote":
+                made[tid] = name  # a module that passes its input through (Identity) takes it over
+            elif tid in made:
+                self.producer.setdefault(name, made[tid])
+                self.readers[made[tid]] = self.readers.get(made[tid], 0) + 1
 
 
 def channel_chain(model: nn.Module, reader: str, graph: _Producers) -> Chain | None:
