@@ -38,7 +38,7 @@ _LAST: dict[str, str] = {}
 class _Call:
     """One call of the step, in the canonical layout: t (N, C, S) and p (N, G)."""
 
-    __slots__ = ("x", "p", "zeta", "tau", "cd", "t", "layout", "grad")
+    __slots__ = ("x", "p", "zeta", "tau", "cd", "t", "layout", "grad", "_view")
 
     def __init__(self, x: Tensor, p: Tensor, zeta: int, tau: float, channel_dim: int, grad: Tensor | None = None):
         self.cd = _norm_dim(channel_dim, x.dim())
@@ -46,6 +46,13 @@ class _Call:
         self.zeta, self.tau = zeta, tau
         self.t, self.layout = _canon(self.x, self.cd)
         self.grad = None if grad is None else grad.detach()
+        self._view: Tensor | None | bool = False  # not worked out yet
+
+    def compiled_view(self) -> Tensor | None:
+        """The view the generated kernels take (:func:`inductor._compiled_view`), worked out once per call."""
+        if self._view is False:
+            self._view = inductor._compiled_view(self.x, self.t, self.zeta, self.layout)
+        return self._view
 
     def output(self, out3: Tensor) -> Tensor:
         return _own(_uncanon(out3, self.x.shape, self.cd, self.layout))
@@ -100,7 +107,7 @@ def _compiled_common(c: _Call) -> str | None:
         return "not a CPU tensor"
     if c.zeta < 2 or c.t.shape[1] % c.zeta:
         return f"C={c.t.shape[1]} is not a multiple of zeta {c.zeta} >= 2"
-    if inductor._compiled_view(c.x, c.t, c.zeta, c.layout) is None:
+    if c.compiled_view() is None:
         return f"fewer than {inductor._COMPILED_MIN_NUMEL} elements, or not a fast-path dtype"
     return None
 
@@ -136,7 +143,7 @@ def _inductor_supports(c: _Call, backward: bool) -> str | None:
     why = _compiled_common(c)
     if why:
         return why
-    t4 = inductor._compiled_view(c.x, c.t, c.zeta, c.layout)
+    t4 = c.compiled_view()
     if min(t4.shape) < 2 if c.layout == _PLANAR else min(t4.shape[1:]) < 2:
         return "a size below 2"
     if c.layout != _PLANAR and c.zeta > inductor._UNROLL_MAX_ZETA:
@@ -146,7 +153,7 @@ def _inductor_supports(c: _Call, backward: bool) -> str | None:
 
 
 def _inductor_forward(c: _Call) -> Tensor | None:
-    t4 = inductor._compiled_view(c.x, c.t, c.zeta, c.layout)
+    t4 = c.compiled_view()
     if c.layout == _PLANAR:
         out = inductor._compiled_even(t4, c.p.reshape(-1), c.tau)
     else:
@@ -155,7 +162,7 @@ def _inductor_forward(c: _Call) -> Tensor | None:
 
 
 def _inductor_backward(c: _Call) -> tuple[Tensor, Tensor] | None:
-    t4 = inductor._compiled_view(c.x, c.t, c.zeta, c.layout)
+    t4 = c.compiled_view()
     g3 = _as_layout(_canon(c.grad, c.cd)[0], c.layout)
     if c.layout == _PLANAR:
         res = inductor._compiled_even(t4, c.p.reshape(-1), c.tau, g3.reshape(t4.shape[0], -1))
