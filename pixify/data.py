@@ -11,7 +11,9 @@ Every problem a user can cause is a one-line :class:`~pixify.errors.PixifyError`
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +240,23 @@ def create_dataset(source: DataSource, channels: int, training: bool):
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
+def _quiet_when_parent_leaves(previous, kind, exc, tb):
+    if issubclass(kind, (EOFError, ConnectionError)):
+        return
+    previous(kind, exc, tb)
+
+
+def _worker_init(timm_init, worker_id: int) -> None:
+    """Runs in each data-loading process. When the main process is interrupted (Ctrl-C) while it fetches a
+    batch's shared memory from a worker, the worker's multiprocessing resource-sharer thread loses its
+    connection mid-handshake and prints a traceback through ``sys.excepthook``; the worker has nothing
+    left to report then (its real errors reach the main process through the loader), so such connection
+    losses are not printed. Everything else still is."""
+    sys.excepthook = functools.partial(_quiet_when_parent_leaves, sys.excepthook)
+    if timm_init is not None:
+        timm_init(worker_id)
+
+
 def create_loader(source: DataSource, data_config: dict[str, Any], batch_size: int, *, training: bool,
                   augment: bool = False, workers: int = 2, distributed: bool = False, device: str = "cpu",
                   seed: int = 0):
@@ -258,6 +277,7 @@ def create_loader(source: DataSource, data_config: dict[str, Any], batch_size: i
         use_prefetcher=False, persistent_workers=False,
         device=torch.device(device),
     )
+    loader.worker_init_fn = functools.partial(_worker_init, loader.worker_init_fn)
     sampler = getattr(loader, "sampler", None)
     if distributed and hasattr(sampler, "seed"):
         sampler.seed = seed  # DistributedSampler shuffles with seed + epoch

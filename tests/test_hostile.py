@@ -586,6 +586,48 @@ def test_ctrl_c_in_a_real_process(world, tmp_path):
     assert not run.exists() or (run / "checkpoint.safetensors").exists()
 
 
+_LOADER_LOOP = """
+import sys
+import torch
+import pixify.data as d
+src = d.prepare_data(sys.argv[1], split="train", check_images=False, workers=2, what="--data")
+cfg = dict(input_size=(3, 16, 16), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+loader = d.create_loader(src, cfg, 2, training=True, workers=2)
+# the same dataset and worker set-up, with workers kept across epochs: a Ctrl-C that lands inside fork()
+# is swallowed by Python itself ("Exception ignored in ... _releaseLock"), which is not what this tests
+loader = torch.utils.data.DataLoader(loader.dataset, batch_size=2, num_workers=2, persistent_workers=True,
+                                     worker_init_fn=loader.worker_init_fn)
+print("go", flush=True)
+try:
+    while True:
+        for _ in loader:
+            pass
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_while_workers_hand_over_a_batch_prints_nothing_from_them(world, tmp_path):
+    """Ctrl-C that lands while the main process fetches a batch's shared memory from a data-loading worker
+    used to make the worker print a multiprocessing traceback. Interrupted at several moments, only the
+    main process's line is printed."""
+    script = tmp_path / "loop.py"
+    script.write_text(_LOADER_LOOP)
+    for delay in (0.3, 0.7, 1.1, 1.5):
+        proc = subprocess.Popen([sys.executable, str(script), str(world["imgs"])], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "go"
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == 130 and err.strip() == "interrupted", err
+
+
 def test_library_warnings_before_an_error_do_not_push_it_past_one_line(tmp_path, capsys, monkeypatch):
     import warnings
 
