@@ -19,6 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import PixifyError
+from .training.config import DEFAULT_LR
+
+_LR_DEFAULTS = ", ".join(f"{v:g} with {k}" for k, v in DEFAULT_LR.items())
 
 try:  # typer >= 0.20 vendors its own click
     from typer._click import exceptions as _cx
@@ -580,9 +583,9 @@ def finetune(
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="original weights (.safetensors/.pth); default: rebuilt from the recipe"),
     epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="passes over the data [default: 1]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="total optimizer steps instead of --epochs"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate [default: see README]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help=f"peak learning rate [default: {_LR_DEFAULTS}]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="images per step and process [default: 128]"),
-    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd (Nesterov) | adamw"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw | sgd (Nesterov momentum) [default: adamw]"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="weight decay"),
     warmup: Optional[float] = typer.Option(None, "--warmup", help="fraction of the steps spent warming up"),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-T", help="distillation temperature"),

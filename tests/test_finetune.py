@@ -124,6 +124,20 @@ def _same_weights(a: Path, b: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- training
 
+def test_learning_rate_default_follows_the_optimizer():
+    """AdamW at 1e-3 by default (docs/finetune-evidence.md); SGD keeps its own 0.05; an explicit lr is kept,
+    and a resumed run's saved value is used as saved."""
+    from pixify.training.config import DEFAULT_LR, FinetuneConfig, resolve_config
+
+    cfg, _ = resolve_config(None, {})
+    assert (cfg.optimizer, cfg.lr, cfg.kd_weight) == ("adamw", DEFAULT_LR["adamw"], 0.25)
+    assert resolve_config(None, {"optimizer": "sgd"})[0].lr == DEFAULT_LR["sgd"] == 0.05
+    assert resolve_config(None, {"optimizer": "sgd", "lr": 0.01})[0].lr == 0.01
+    assert FinetuneConfig.from_json(cfg.to_json()).validate().lr == cfg.lr
+    with pytest.raises(PixifyError, match="unknown optimizer"):
+        resolve_config(None, {"optimizer": "lion"})
+
+
 def test_labelled_run_lowers_distillation_loss(world, tmp_path):
     root, ckpt = world
     from pixify.training import load_teacher
@@ -131,7 +145,7 @@ def test_labelled_run_lowers_distillation_loss(world, tmp_path):
     teacher = load_teacher(pixify.read_recipe(ckpt), near=[ckpt.parent])
     before = _kd_on(pixify.load(ckpt), teacher, root / "train")
     res = run_finetune(str(ckpt), root / "train", val_data=root / "val", out=tmp_path / "run", epochs=3,
-                          batch_size=8, lr=0.05, workers=0, calib_images=16, log_every=1, progress=False)
+                          batch_size=8, optimizer="sgd", lr=0.05, workers=0, calib_images=16, log_every=1, progress=False)
     after = _kd_on(pixify.load(res.checkpoint), teacher, root / "train")
     assert after < 0.7 * before, (before, after)
     assert {p.name for p in (tmp_path / "run").iterdir()} == {"checkpoint.safetensors", "state.safetensors",
@@ -157,7 +171,7 @@ def test_unlabelled_folder_distils_alone(world, tmp_path):
     teacher = load_teacher(pixify.read_recipe(ckpt), near=[ckpt.parent])
     before = _kd_on(pixify.load(ckpt), teacher, root / "unlabelled")
     res = run_finetune(pixify.load(ckpt), root / "unlabelled", out=tmp_path / "run", epochs=3, batch_size=8,
-                          lr=0.05, workers=0, calib_images=16, progress=False)
+                          optimizer="sgd", lr=0.05, workers=0, calib_images=16, progress=False)
     assert _kd_on(res.model, teacher, root / "unlabelled") < 0.7 * before
     assert all(h["ce"] is None for h in res.history)
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])

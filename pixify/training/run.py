@@ -115,7 +115,7 @@ def _plan(model, data, teacher, out, val_data, resume, cfg: FinetuneConfig, expl
         if differ:
             _say(f"resuming with the interrupted run's settings; ignoring {', '.join(sorted(differ))}")
         cfg = FinetuneConfig.from_json({**saved.to_json(), **{k: explicit[k] for k in ("workers", "check_images")
-                                                               if k in explicit}})
+                                                               if k in explicit}}).validate()
     elif (out / STATE_NAME).exists() or (out / CHECKPOINT_NAME).exists():
         raise PixifyError(f"{out} already holds a fine-tuning run",
                           "pass --resume to continue it, or choose another --out")
