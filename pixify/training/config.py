@@ -56,7 +56,7 @@ class FinetuneConfig:
             bad(f"--steps must be an integer >= 1, got {self.steps}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             bad(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.optimizer not in DEFAULT_LR:
+        if not isinstance(self.optimizer, str) or self.optimizer not in DEFAULT_LR:
             bad(f"unknown optimizer '{self.optimizer}'", "use adamw or sgd")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
