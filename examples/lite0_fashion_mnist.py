@@ -18,7 +18,7 @@ and transfer-trained on Fashion-MNIST; pixify converts it and recovers it with t
    (data-driven: sites chosen on real images), both with --json.
 4. ``pixify finetune`` of the data-driven conversion (the static one too with --finetune-static; without
    --budget support, the static one) with the defaults, for --finetune-fraction (0.2) of the transfer
-   training's images (``--steps`` × 128 ≤ 0.2 × epochs × N), the test set as --val-data (curves only), then
+   training's images (``--steps`` × batch ≤ 0.2 × epochs × N), the test set as --val-data (curves only), then
    ``pixify eval --json`` on the test set.
 5. A table (top-1 before/after, Δ, agreement, MACs ratio, wall times), WORK/summary.json, and PASS/FAIL for
    "the fine-tuned model is within 1.0 point of the original".
@@ -222,7 +222,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="transfer-training peak learning rate (AdamW)")
     ap.add_argument("--finetune-fraction", type=float, default=0.2,
                     help="fine-tune images (steps × batch) as a fraction of the transfer training's")
-    ap.add_argument("--finetune-batch", type=int, default=128, help="pixify finetune --batch-size (its default)")
+    ap.add_argument("--finetune-batch", type=int, default=64, help="pixify finetune --batch-size (its default)")
     ap.add_argument("--zeta", default="auto", help="pixify convert --zeta for the static conversion")
     ap.add_argument("--budget", default="agreement=90", help="pixify convert --budget for the data-driven one")
     ap.add_argument("--convert-calib-images", type=int, default=512, help="pixify convert --calib-images")
@@ -348,7 +348,7 @@ def main() -> None:
     # ---- fine-tune and evaluate (the CLI)
     ft_steps = max(1, int(args.finetune_fraction * transfer_images) // args.finetune_batch)
     ft_images = ft_steps * args.finetune_batch
-    extra = ["--batch-size", str(args.finetune_batch)] if args.finetune_batch != 128 else []
+    extra = ["--batch-size", str(args.finetune_batch)] if args.finetune_batch != 64 else []
     if args.quick:
         extra += ["--calib-images", "64"]  # the refit costs 2 forward passes per site per image
     extra += args.finetune_args.split()

@@ -584,7 +584,7 @@ def finetune(
     epochs: Optional[int] = typer.Option(None, "--epochs", "-e", help="passes over the data [default: 1]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="total optimizer steps instead of --epochs"),
     lr: Optional[float] = typer.Option(None, "--lr", help=f"peak learning rate [default: {_LR_DEFAULTS}]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="images per step and process [default: 128]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="images per step and process [default: 64]"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw | sgd (Nesterov momentum) [default: adamw]"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="weight decay"),
     warmup: Optional[float] = typer.Option(None, "--warmup", help="fraction of the steps spent warming up"),

@@ -13,7 +13,7 @@ from ..errors import PixifyError
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "resolve_config", "DEFAULT_LR"]
 
-#: the peak learning rate of each optimizer when ``lr`` is not given (batch 128 per process)
+#: the peak learning rate of each optimizer when ``lr`` is not given (batch 64 per process)
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 
 
@@ -25,8 +25,8 @@ class FinetuneConfig:
 
     epochs: int = 1  #: passes over the data (ignored when ``steps`` is set)
     steps: int | None = None  #: total optimizer steps instead of whole epochs
-    batch_size: int = 128  #: per process
-    lr: float | None = None  #: peak learning rate (batch 128 per process); None: ``DEFAULT_LR[optimizer]``
+    batch_size: int = 64  #: per process
+    lr: float | None = None  #: peak learning rate (batch 64 per process); None: ``DEFAULT_LR[optimizer]``
     min_lr: float = 0.0  #: learning rate at the end of the cosine
     warmup: float = 0.1  #: fraction of the steps spent in the linear warm-up
     optimizer: str = "adamw"  #: adamw | sgd (Nesterov momentum)
