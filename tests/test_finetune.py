@@ -125,12 +125,12 @@ def _same_weights(a: Path, b: Path) -> None:
 # ------------------------------------------------------------------------------------------- training
 
 def test_learning_rate_default_follows_the_optimizer():
-    """AdamW at 1e-3 by default (docs/finetune-evidence.md); SGD keeps its own 0.05; an explicit lr is kept,
+    """AdamW at 1e-3, KD weight 0.25, batch 64 by default (docs/finetune-evidence.md); SGD keeps its own 0.05; an explicit lr is kept,
     and a resumed run's saved value is used as saved."""
     from pixify.training.config import DEFAULT_LR, FinetuneConfig, resolve_config
 
     cfg, _ = resolve_config(None, {})
-    assert (cfg.optimizer, cfg.lr, cfg.kd_weight) == ("adamw", DEFAULT_LR["adamw"], 0.25)
+    assert (cfg.optimizer, cfg.lr, cfg.kd_weight, cfg.batch_size) == ("adamw", DEFAULT_LR["adamw"], 0.25, 64)
     assert resolve_config(None, {"optimizer": "sgd"})[0].lr == DEFAULT_LR["sgd"] == 0.05
     assert resolve_config(None, {"optimizer": "sgd", "lr": 0.01})[0].lr == 0.01
     assert FinetuneConfig.from_json(cfg.to_json()).validate().lr == cfg.lr
