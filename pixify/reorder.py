@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .ops import eager_kernels
+from .recovery import _Acc, _rows, _sample, module_io
 
 __all__ = ["choose_order", "reorder_sites"]
 
@@ -64,8 +65,6 @@ class _Producers:
     from one forward pass (:func:`pixify.recovery.module_io`)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
-        from .recovery import module_io
-
         made: dict[int, str] = {}
         self.producer: dict[str, str] = {}
         self.readers: dict[str, int] = {}
@@ -172,19 +171,19 @@ def reorder_sites(model: nn.Module, sites: Sequence[Any], batches: Sequence[torc
             chains[name] = ch
     if not chains:
         return {"reordered": [], "skipped": skipped}
-    stats: dict[str, list] = {n: [0, 0, 0] for n in chains}
+    stats = {n: _Acc() for n in chains}
     gen = torch.Generator().manual_seed(0)
 
     def grab(name):
         def hook(m, inputs):
-            x = inputs[0]
-            rows = x.movedim(1, -1).reshape(-1, x.shape[1]).float()
-            if rows.shape[0] > max_rows:
-                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows]]
-            st = stats[name]
-            st[0] += rows.shape[0]
-            st[1] = st[1] + rows.double().sum(0)
-            st[2] = st[2] + (rows.T @ rows).double()
+            rows = _rows(inputs[0], 1)
+            keep = _sample(rows.shape[0], max_rows, gen)
+            if keep is not None:
+                rows = rows[keep]
+            r32 = rows.float()  # the products in float32, their sums over batches in float64
+            stats[name].add("n", rows.shape[0])
+            stats[name].add("sum", rows.sum(0))
+            stats[name].add("xx", (r32.T @ r32).double())
         return hook
 
     hooks = [model.get_submodule(n).register_forward_pre_hook(grab(n)) for n in chains]
@@ -199,9 +198,9 @@ def reorder_sites(model: nn.Module, sites: Sequence[Any], batches: Sequence[torc
         before = model(example)
     done = []
     for name, ch in chains.items():
-        n, s1, s2 = stats[name]
-        mean = s1 / n
-        S = s2 / n - torch.outer(mean, mean)
+        st = stats[name]
+        mean = st["sum"] / st["n"]
+        S = st["xx"] / st["n"] - torch.outer(mean, mean)
         perm = choose_order(_weight_gram(model.get_submodule(name)), S)
         if torch.equal(perm, torch.arange(len(perm))):
             continue
