@@ -143,17 +143,14 @@ def _stored_numel(path: str | Path) -> int:
 def _check_size(source, path: str | Path) -> None:
     """Build the architecture on the meta device (no memory) and refuse one far larger than the checkpoint's
     own tensors: a recipe's constructor arguments must not make pixify allocate what the file does not hold."""
-    from .sources import build_architecture
+    from .sources import meta_architecture
 
     try:
-        with torch.device("meta"):
-            meta = build_architecture(source.library, source.name, source.kwargs, source.pretrained_cfg)
-    except PixifyError as exc:
-        if not exc.message.startswith("cannot build"):  # an unknown model: say so now
-            raise CheckpointError(f"{Path(path).name}: {exc.message}", exc.hint) from None
-        return  # a constructor that needs real data on the meta device: the real build below judges it
-    except Exception:  # noqa: BLE001 - the same, for errors a constructor raises that are not wrapped
-        return
+        meta = meta_architecture(source.library, source.name, source.kwargs, source.pretrained_cfg)
+    except PixifyError as exc:  # an unknown model: say so now
+        raise CheckpointError(f"{Path(path).name}: {exc.message}", exc.hint) from None
+    if meta is None:
+        return  # a constructor that needs real data: the real build below judges it
     held = _stored_numel(path)
     need = sum(t.numel() for t in meta.parameters()) + sum(t.numel() for t in meta.buffers())
     if need > 2 * held + (1 << 24):

@@ -57,17 +57,10 @@ def pretrained_cfg_subset(cfg: Any) -> dict[str, Any]:
 
 def _build_meta(library: str, name: str, kwargs: dict[str, Any], cfg: dict[str, Any] | None) -> nn.Module:
     """The architecture without memory or init (meta device); on CPU where a constructor needs real data."""
-    from .sources import build_architecture
+    from .sources import build_architecture, meta_architecture
 
-    try:
-        with torch.device("meta"):
-            return build_architecture(library, name, kwargs, cfg)
-    except PixifyError as exc:
-        if not exc.message.startswith("cannot build"):  # unknown model and the like: the real build says the same
-            raise
-    except Exception:  # noqa: BLE001 - e.g. a constructor that computes a buffer from data
-        pass
-    return build_architecture(library, name, kwargs, cfg, no_init=True)  # a constructor that needs real data
+    meta = meta_architecture(library, name, kwargs, cfg)
+    return meta if meta is not None else build_architecture(library, name, kwargs, cfg, no_init=True)
 
 
 def _difference(want: dict, got: dict) -> str:

@@ -122,6 +122,14 @@ def _one(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
+class _ConstructorError(PixifyError):
+    """The model library's constructor rejected the arguments (or the device it builds on)."""
+
+
+def _cannot_build(label: str, kwargs: dict[str, Any], exc: BaseException) -> _ConstructorError:
+    return _ConstructorError(f"cannot build '{label}' with {kwargs}: {_one(exc)}")
+
+
 def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any],
            cfg: dict[str, Any] | None = None) -> nn.Module:
     if library == "timm":
@@ -143,14 +151,14 @@ def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any],
                 raise PixifyError(f"could not fetch pretrained weights for '{name}' "
                                   f"({type(exc).__name__})", _OFFLINE_HINT) from None
             except _BUILD_ERRORS as exc:
-                raise PixifyError(f"cannot build '{name}' with {kwargs}: {_one(exc)}") from None
+                raise _cannot_build(name, kwargs, exc) from None
             finally:
                 hc.HF_HUB_OFFLINE = offline_before
         extra = {"pretrained_cfg_overlay": _safe_cfg(cfg)} if cfg else {}
         try:
             return timm.create_model(name, pretrained=False, **extra, **kwargs)
         except _BUILD_ERRORS as exc:
-            raise PixifyError(f"cannot build '{name}' with {kwargs}: {_one(exc)}") from None
+            raise _cannot_build(name, kwargs, exc) from None
     if library == "torchvision":
         import torchvision
 
@@ -164,11 +172,11 @@ def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any],
                 raise PixifyError(f"could not fetch pretrained weights for 'torchvision:{name}' "
                                   f"({type(exc).__name__})", _OFFLINE_HINT) from None
             except _BUILD_ERRORS as exc:
-                raise PixifyError(f"cannot build 'torchvision:{name}' with {kwargs}: {_one(exc)}") from None
+                raise _cannot_build(f"torchvision:{name}", kwargs, exc) from None
         try:
             return torchvision.models.get_model(name, weights=None, **kwargs)
         except _BUILD_ERRORS as exc:
-            raise PixifyError(f"cannot build 'torchvision:{name}' with {kwargs}: {_one(exc)}") from None
+            raise _cannot_build(f"torchvision:{name}", kwargs, exc) from None
     raise PixifyError(f"unknown model library '{library}'", "use a timm name or torchvision:NAME")
 
 
@@ -300,6 +308,21 @@ def build_architecture(library: str, name: str, kwargs: dict[str, Any], cfg: dic
         except Exception:  # noqa: BLE001 - e.g. a constructor that checks its drawn weights: build as usual
             pass
     return _build(library, name, False, kwargs, cfg)
+
+
+def meta_architecture(library: str, name: str, kwargs: dict[str, Any],
+                      cfg: dict[str, Any] | None = None) -> nn.Module | None:
+    """The architecture on the meta device (no memory), or None when its constructor cannot run there (it
+    computes something from real data); an unknown model and the like raise as :func:`build_architecture`."""
+    try:
+        with torch.device("meta"):
+            return build_architecture(library, name, kwargs, cfg)
+    except _ConstructorError:
+        return None
+    except PixifyError:
+        raise
+    except Exception:  # noqa: BLE001 - an error a constructor raises that is not wrapped
+        return None
 
 
 def _build_for_loading(library: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
