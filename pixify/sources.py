@@ -303,9 +303,11 @@ def build_architecture(library: str, name: str, kwargs: dict[str, Any], cfg: dic
         try:
             with _NoRandomInit():
                 return _build(library, name, False, kwargs, cfg)
+        except _ConstructorError:  # e.g. a constructor that checks its drawn weights: build as usual (a real
+            pass                   # rejection of the arguments is raised again by that build)
         except PixifyError:
             raise
-        except Exception:  # noqa: BLE001 - e.g. a constructor that checks its drawn weights: build as usual
+        except Exception:  # noqa: BLE001 - an error the constructor raises that is not wrapped: the same
             pass
     return _build(library, name, False, kwargs, cfg)
 

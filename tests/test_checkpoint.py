@@ -109,6 +109,35 @@ def test_a_constructor_that_fails_without_its_draws_is_built_normally(monkeypatc
     assert calls == [True, False]
 
 
+class _ChecksItsDraws(nn.Module):
+    """A constructor that refuses weights its init did not draw (all zeros)."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.fc = nn.Linear(4, num_classes)
+        assert self.fc.weight.abs().sum() > 0, "the init drew nothing"
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_real_library_constructor_that_rejects_zeroed_draws_is_built_normally():
+    import timm
+    from timm.models import register_model
+
+    from pixify import sources
+
+    name = "pixify_test_checks_its_draws"
+    if not timm.is_model(name):
+        def pixify_test_checks_its_draws(pretrained=False, num_classes=3, **library_kwargs):
+            return _ChecksItsDraws(num_classes)  # timm's own arguments (pretrained_cfg, cache_dir) dropped
+        register_model(pixify_test_checks_its_draws)
+    model = sources.build_architecture("timm", name, {"num_classes": 5}, no_init=True)
+    assert model.fc.out_features == 5 and model.fc.weight.abs().sum() > 0
+    with pytest.raises(PixifyError, match="cannot build"):  # a real rejection still is one
+        sources.build_architecture("timm", name, {"num_classes": "five"}, no_init=True)
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
