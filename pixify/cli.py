@@ -614,7 +614,8 @@ def finetune(
     from .training import FinetuneConfig, finetune as run_finetune
     from .training.models import load_student as _load_student
 
-    FinetuneConfig(**{k: v for k, v in dict(epochs=epochs, steps=steps, lr=lr, batch_size=batch_size).items()
+    FinetuneConfig(**{k: v for k, v in dict(epochs=epochs, steps=steps, lr=lr, batch_size=batch_size,
+                                            workers=workers).items()
                       if v is not None}).validate()  # fail fast on --epochs 0 before loading anything
     student, _, _ = _load_student(checkpoint)
     dcfg = _data_config(student, input_size, mean, std, crop_pct, interpolation)

@@ -1,14 +1,16 @@
-"""Checks of what a user passes before it reaches torch or a model library: devices and input sizes."""
+"""Checks of what a user passes before it reaches torch or a model library: devices, input sizes and
+data-loading processes."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
 
 from .errors import PixifyError
 
-__all__ = ["check_device", "check_input_size", "MAX_INPUT_VALUES"]
+__all__ = ["check_device", "check_input_size", "check_workers", "max_workers", "MAX_INPUT_VALUES"]
 
 MAX_INPUT_VALUES = 1 << 27  # values in one example input (C·H·W): 128 Mi, 512 MiB in float32
 
@@ -44,3 +46,24 @@ def check_input_size(dims: Sequence[int] | None, what: str = "--input-size") -> 
         raise PixifyError(f"{what} {','.join(map(str, dims))} is {total:,} values per image, more than pixify "
                           f"allocates ({MAX_INPUT_VALUES:,})", "use the model's input size, e.g. 3,224,224")
     return dims
+
+
+def max_workers() -> int:
+    """The most data-loading processes pixify starts: four per CPU this process may use (each is a copy of
+    the process; far more than the CPUs only adds memory, and thousands exhaust it)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return 4 * max(1, cpus)
+
+
+def check_workers(n: Any, what: str = "--workers") -> int:
+    """A number of data-loading processes: an integer from 0 to :func:`max_workers`."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise PixifyError(f"{what} must be an integer >= 0, got {n!r}")
+    limit = max_workers()
+    if n > limit:
+        raise PixifyError(f"{what} {n} is more data-loading processes than this machine can use "
+                          f"({limit // 4} CPUs)", f"use at most {limit}")
+    return n

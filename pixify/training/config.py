@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import PixifyError
+from ..validate import check_workers
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "resolve_config", "DEFAULT_LR"]
 
@@ -74,8 +75,9 @@ class FinetuneConfig:
             bad(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.init not in ("lsq", "none"):
             bad(f"unknown --init '{self.init}'", "use lsq or none")
-        if self.calib_images < 0 or self.workers < 0 or self.log_every < 1:
-            bad("--calib-images and --workers must be >= 0 and --log-every >= 1")
+        if self.calib_images < 0 or self.log_every < 1:
+            bad("--calib-images must be >= 0 and --log-every >= 1")
+        check_workers(self.workers)
         return self
 
     def to_json(self) -> dict[str, Any]:

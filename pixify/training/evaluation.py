@@ -30,11 +30,12 @@ def evaluate(model: nn.Module | str | Path, data: Any, teacher: nn.Module | str 
     """
     from ..data import DataSource, create_loader, prepare_data, resolve_data_config
 
-    from ..validate import check_device
+    from ..validate import check_device, check_workers
 
     device = str(check_device(device)) if device is not None else _default_device()
-    if batch_size < 1 or workers < 0:
-        raise PixifyError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
+    check_workers(workers)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise PixifyError(f"batch size must be >= 1, got {batch_size}")
     student, recipe, _ = _load_student(model)
     if isinstance(data, (str, Path, DataSource)):
         source = data if isinstance(data, DataSource) else prepare_data(data, split="val", check_images=check_images,
