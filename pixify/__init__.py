@@ -13,6 +13,29 @@ Public API::
 
 __version__ = "0.1.0"
 
+
+def _install_import_interrupt() -> None:
+    """Run as the ``pixify`` command, a Ctrl-C while torch and the model libraries are still being imported
+    (the first second or two) would end in Python's traceback of the import: say one line and exit 130
+    instead (nothing has been written yet). The command restores Python's own handler before it runs."""
+    import os
+    import signal
+    import sys
+
+    def interrupted(signum, frame):
+        os.write(2, b"interrupted; nothing was written\n")
+        os._exit(130)
+
+    orig = list(getattr(sys, "orig_argv", []))
+    as_module = "-m" in orig[:-1] and orig[orig.index("-m") + 1] in ("pixify", "pixify.cli")  # python -m pixify
+    command = os.path.basename(sys.argv[0] if sys.argv else "") == "pixify" or as_module
+    if command and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupted)
+        interrupted.pixify_import_handler = True
+
+
+_install_import_interrupt()
+
 from .checkpoint import load, read_recipe, save  # noqa: E402
 from .conversion import ConversionReport, convert, inspect, recalibrate_batchnorm  # noqa: E402
 from .deploy import ExportReport, export  # noqa: E402

@@ -48,6 +48,13 @@ def save(model: nn.Module, path: str | Path, recipe: dict[str, Any] | None = Non
             "to pixify.convert"), stacklevel=2)
     meta = dict(recipe)
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, pixify_version=__version__)
+    meta = json.loads(json.dumps(meta))  # as a reader will see it (tuples become lists)
+    from .schema import validate_recipe
+
+    try:  # never write a checkpoint that pixify.load would refuse
+        validate_recipe(meta)
+    except CheckpointError as exc:
+        raise PixifyError(f"cannot save {Path(path).name}: {exc.message}", exc.hint) from None
     atomic_write(path, lambda tmp: save_model(model, tmp, metadata={"format": "pt", _META_KEY: json.dumps(meta)}))
     return Path(path)
 
@@ -58,6 +65,9 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
+        if p.exists():
+            kind = "a folder" if p.is_dir() else "not a regular file"
+            raise CheckpointError(f"{path} is {kind}, not a checkpoint", "name a .safetensors file pixify wrote")
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(p), framework="pt") as f:
@@ -74,6 +84,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         recipe = json.loads(meta[_META_KEY])
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: the pixify recipe is not valid JSON") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: the pixify recipe is nested deeper than any recipe pixify writes") from None
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pixify checkpoint (unknown recipe format)")
     version = recipe.get("format_version")

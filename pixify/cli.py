@@ -422,13 +422,11 @@ def bench(
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise PixifyError(f"--dtype must be one of {', '.join(dtypes)}, got '{dtype}'")
-    from .validate import check_device
+    from .validate import check_batch_size, check_device, check_threads
 
     check_device(device)
     if threads is not None:
-        if threads < 1:
-            raise PixifyError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_threads(threads))
     if rounds < 1:
         raise PixifyError(f"--rounds must be >= 1, got {rounds}")
     if runtime not in ("eager", "onnxruntime", "torch.export"):
@@ -445,8 +443,10 @@ def bench(
         sizes = tuple(int(b) for b in batch_size.split(",") if b.strip())
     except ValueError:
         raise PixifyError(f"--batch-size must look like 1,8, got '{batch_size}'") from None
-    if not sizes or min(sizes) < 1:
+    if not sizes:
         raise PixifyError(f"--batch-size must be positive integers, got '{batch_size}'")
+    for b in sizes:
+        check_batch_size(b)
     con = _console()
     malloc_state = tune_malloc() if malloc == "tuned" else "system"
     if op:
@@ -672,8 +672,12 @@ def eval_cmd(
     from .training import evaluate
     from .training.models import load_student as _load_student
 
-    if batch_size < 1:
-        raise PixifyError(f"--batch-size must be >= 1, got {batch_size}")
+    from .validate import check_batch_size, check_workers
+
+    check_batch_size(batch_size)
+    check_workers(workers)
+    if no_teacher and teacher is not None:
+        raise PixifyError("--teacher and --no-teacher contradict each other", "keep one")
     student, _, _ = _load_student(checkpoint)
     dcfg = _data_config(student, input_size, mean, std, crop_pct, interpolation)
     res = evaluate(student, data, teacher=False if no_teacher else teacher, batch_size=batch_size, workers=workers,
@@ -767,6 +771,10 @@ for _info in app.registered_commands:
 def _dispatch(args: list[str], debug: bool) -> int:
     _STATE.pop("interrupted", None)
     try:
+        import signal
+
+        if getattr(signal.getsignal(signal.SIGINT), "pixify_import_handler", False):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is handled below
         rv = app(args=args, prog_name="pixify", standalone_mode=False)
         if rv == 130:  # Ctrl-C (writes are atomic: an interrupted command leaves no partial file)
             said = _STATE.pop("interrupted", "")

@@ -17,15 +17,16 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from timm.data.readers.img_extensions import get_img_extensions
 from torch import nn
 
 from .errors import PixifyError
+from .schema import CROP_PCT_RANGE, MEAN_RANGE, STD_RANGE
 
-__all__ = ["DataSource", "prepare_data", "resolve_data_config", "create_loader", "IMAGE_EXTENSIONS"]
+__all__ = ["DataSource", "prepare_data", "resolve_data_config", "create_loader", "read_batches", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = tuple(sorted(get_img_extensions()))  # what timm's folder reader picks up
 _TRAIN_SPLITS = ("train", "training")
@@ -195,16 +196,18 @@ def resolve_data_config(model: nn.Module, input_size: Sequence[int] | None = Non
             raise PixifyError(f"unknown interpolation '{interpolation}'", f"use one of: {', '.join(INTERPOLATIONS)}")
         args["interpolation"] = interpolation
     if crop_pct is not None:
-        if not 0 < crop_pct <= 1:
-            raise PixifyError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+        lo, hi = CROP_PCT_RANGE
+        if not (isinstance(crop_pct, (int, float)) and lo <= crop_pct <= hi):
+            raise PixifyError(f"--crop-pct must be in [{lo}, {hi}], got {crop_pct}")
         args["crop_pct"] = crop_pct
     cfg = timm_resolve(args, model=model) if hasattr(model, "pretrained_cfg") else timm_resolve(
         args, pretrained_cfg={"input_size": input_size or (3, 224, 224)})
     chans = cfg["input_size"][0]
     for key, given in (("mean", mean), ("std", std)):
         vals = tuple(float(v) for v in (given if given is not None else cfg[key]))
-        if key == "std" and any(not (v > 0) for v in vals):
-            raise PixifyError(f"--std must be positive, got {', '.join(f'{v:g}' for v in vals)}")
+        lo, hi = STD_RANGE if key == "std" else MEAN_RANGE
+        if not all(lo <= v <= hi for v in vals):  # NaN fails too
+            raise PixifyError(f"--{key} values must be in [{lo:g}, {hi:g}], got {', '.join(f'{v:g}' for v in vals)}")
         if len(vals) == 1:
             vals = vals * chans
         elif len(vals) != chans:
@@ -285,3 +288,24 @@ def create_loader(source: DataSource, data_config: dict[str, Any], batch_size: i
         raise PixifyError(f"the dataset at {source.root} has fewer images ({len(ds)}) than one batch per process",
                           "lower --batch-size")
     return loader
+
+
+def read_batches(loader: Any) -> Iterator[Any]:
+    """The batches of ``loader``; an error while reading them (an image that cannot be opened, such as one
+    larger than PIL will decode, or a worker that died) is a one-line :class:`PixifyError` instead of the
+    loader's traceback (a worker's error arrives with its traceback inside the message: its last line is the
+    reason)."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except PixifyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the image library or a worker raised: one line
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            reason = lines[-1] if lines else type(exc).__name__
+            raise PixifyError(f"cannot read the data: {reason[:300]}",
+                              "keep the image scan on (--check-images) to find the file") from None
+        yield batch

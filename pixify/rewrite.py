@@ -93,8 +93,12 @@ class SiteRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+MAX_ZETA = 1 << 20  # no layer has more channels; a checkpoint's recipe holds ζ up to this
+
+
 def parse_zeta(value: Any) -> int | str:
-    """``"auto"`` or an integer ≥ 1; anything else raises ValueError with a one-line reason."""
+    """``"auto"`` or an integer from 1 to :data:`MAX_ZETA`; anything else raises ValueError with a one-line
+    reason."""
     if isinstance(value, str):
         text = value.strip().lower()
         if text == "auto":
@@ -109,6 +113,8 @@ def parse_zeta(value: Any) -> int | str:
         number = float(value)
     if not math.isfinite(number) or number != int(number) or number < 1:
         raise ValueError(f"zeta must be 'auto' or an integer >= 1, got {value}")
+    if number > MAX_ZETA:
+        raise ValueError(f"zeta {value} is more than any layer's channels (at most {MAX_ZETA})")
     return int(number)
 
 

@@ -31,6 +31,11 @@ _MODEL = re.compile(r"^[A-Za-z0-9_.\-/:<>]{1,300}$")  # a model name (timm, torc
 _WEIGHTS = re.compile(r"^(random|module|user|pretrained(:[A-Za-z0-9_.\-]{1,100})?|file:[^/\\\x00]{1,255})$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_CHANNELS = 1 << 20
+# Preprocessing a recipe may remember, and that convert/finetune/eval accept (closed ranges): a std below
+# 1e-6 vanishes or overflows in float32 pixels, a crop fraction below 0.05 asks for images 20x the input.
+MEAN_RANGE = (-1e6, 1e6)
+STD_RANGE = (1e-6, 1e6)
+CROP_PCT_RANGE = (0.05, 1.0)
 
 
 def _fail(path: str, what: str, value: Any) -> None:
@@ -185,13 +190,8 @@ def _data_config(cfg: Any) -> None:
             if not isinstance(v, list) or not 1 <= len(v) <= 16:
                 _fail(f"data_config.{key}", "a list of numbers", v)
             for j, x in enumerate(v):
-                if key == "std":
-                    _num(f"data_config.std[{j}]", x, 0.0, 1e6, open_ends=True)
-                else:
-                    _num(f"data_config.mean[{j}]", x, -1e6, 1e6)
-    _num("data_config.crop_pct", cfg.get("crop_pct"), 0.0, 1.0, optional=True, open_ends=False)
-    if cfg.get("crop_pct") == 0:
-        _fail("data_config.crop_pct", "a number in (0, 1]", 0)
+                _num(f"data_config.{key}[{j}]", x, *(STD_RANGE if key == "std" else MEAN_RANGE))
+    _num("data_config.crop_pct", cfg.get("crop_pct"), *CROP_PCT_RANGE, optional=True)
     _str("data_config.interpolation", cfg.get("interpolation"), optional=True, max_len=20)
     _str("data_config.crop_mode", cfg.get("crop_mode"), optional=True, max_len=20)
 

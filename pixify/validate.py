@@ -10,9 +10,11 @@ import torch
 
 from .errors import PixifyError
 
-__all__ = ["check_device", "check_input_size", "check_workers", "max_workers", "MAX_INPUT_VALUES"]
+__all__ = ["check_device", "check_input_size", "check_workers", "check_threads", "check_batch_size", "max_workers",
+           "MAX_INPUT_VALUES", "MAX_BATCH"]
 
 MAX_INPUT_VALUES = 1 << 27  # values in one example input (C·H·W): 128 Mi, 512 MiB in float32
+MAX_BATCH = 1 << 16  # images in one batch
 
 
 def check_device(device: Any, what: str = "--device") -> torch.device:
@@ -66,4 +68,22 @@ def check_workers(n: Any, what: str = "--workers") -> int:
     if n > limit:
         raise PixifyError(f"{what} {n} is more data-loading processes than this machine can use "
                           f"({limit // 4} CPUs)", f"use at most {limit}")
+    return n
+
+
+def check_threads(n: Any, what: str = "--threads") -> int:
+    """A number of CPU threads: an integer from 1 to :func:`max_workers`."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise PixifyError(f"{what} must be an integer >= 1, got {n!r}")
+    limit = max_workers()
+    if n > limit:
+        raise PixifyError(f"{what} {n} is more threads than this machine can use ({limit // 4} CPUs)",
+                          f"use at most {limit}")
+    return n
+
+
+def check_batch_size(n: Any, what: str = "--batch-size") -> int:
+    """Images per batch: an integer from 1 to :data:`MAX_BATCH`."""
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_BATCH:
+        raise PixifyError(f"{what} must be an integer from 1 to {MAX_BATCH:,}, got {n!r}")
     return n

@@ -83,6 +83,10 @@ def world(tmp_path_factory):
     w["flat"] = _write_images(root / "flat", classes=None, n=8)
     w["empty"] = root / "empty"
     w["empty"].mkdir()
+    from PIL import Image
+
+    w["bomb"] = _write_images(root / "bomb", classes=None, n=2)
+    Image.new("1", (20000, 20000)).save(w["bomb"] / "big.png")  # 400 Mpixels: more than PIL decodes
     bad = _write_images(root / "badimg", classes=None)
     (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
     w["badimg"] = bad
@@ -195,6 +199,10 @@ TAMPERED = {
     "dtype_f64": _first_float(lambda t: t.double()),
     "shape": _first_float(lambda t: t.flatten()[:1].clone()),
     "missing_tensor": (None, _drop_tensor),
+    "deep_list": ("[" * 5000 + "]" * 5000,),
+    "deep_object": ('{"a":' * 5000 + "1" + "}" * 5000,),
+    "data_mean_inf": _set("data_config", {"mean": [1e309, 0, 0]}),
+    "crop_tiny": _set("data_config", {"crop_pct": 1e-9}),
 }
 
 E = "error"  # CLI: exit 2 and one line starting with "error: "
@@ -260,6 +268,13 @@ CLI_CASES = [
     ("interpolation", ["convert", *TINY, "--data", "{flat}", "--interpolation", "wobble"], "interpolation"),
     ("crop-pct-0", ["convert", *TINY, "--data", "{flat}", "--crop-pct", "0"], "crop"),
     ("crop-pct-big", ["convert", *TINY, "--data", "{flat}", "--crop-pct", "1.5"], "crop"),
+    ("crop-pct-tiny", ["convert", *TINY, "--data", "{flat}", "--crop-pct", "1e-9"], "--crop-pct"),
+    ("std-denormal", ["convert", *TINY, "--data", "{flat}", "--std", "1e-320"], "--std"),
+    ("std-inf-no-data", ["convert", *TINY, "--std", "inf"], "--std"),
+    ("mean-nan-no-data", ["convert", *TINY, "--mean", "nan"], "--mean"),
+    ("mean-huge-data", ["convert", *TINY, "--data", "{flat}", "--mean", "2e6"], "--mean"),
+    ("zeta-huge", ["convert", *TINY, "--zeta", "1048577"], "zeta"),
+    ("zeta-40-digits", ["convert", *TINY, "--zeta", "9" * 40], "zeta"),
     ("mean-words", ["convert", *TINY, "--data", "{flat}", "--mean", "a,b"], "mean"),
     ("key-map", ["convert", *TINY, "--key-map", "alphabetical"], "unknown key map"),
     ("key-map-no-weights", ["convert", *TINY, "--key-map", "positional"], "applies to a weights file"),
@@ -297,6 +312,20 @@ CLI_CASES = [
     ("eval-device", ["eval", "{ckpt}", "--data", "{imgs}", "--device", "banana"], "not a device"),
     ("eval-batch-0", ["eval", "{ckpt}", "--data", "{imgs}", "-b", "0"], "batch"),
     ("eval-workers-huge", ["eval", "{ckpt}", "--data", "{imgs}", "-j", "100000"], "at most"),
+    ("eval-batch-huge", ["eval", "{ckpt}", "--data", "{imgs}", "-b", "9" * 30], "--batch-size"),
+    ("eval-bomb-unchecked", ["eval", "{ckpt}", "--data", "{bomb}", "--no-check-images", "--no-teacher", "-j", "0"],
+     "cannot read the data"),
+    ("eval-teacher-and-none", ["eval", "{ckpt}", "--data", "{imgs}", "--teacher", "{ckpt}", "--no-teacher"],
+     "contradict"),
+    ("eval-std-denormal", ["eval", "{ckpt}", "--data", "{imgs}", "--std", "1e-320"], "--std"),
+    ("eval-deep-json", ["eval", "{t_deep_list}", "--data", "{imgs}"], "nested"),
+    ("inspect-deep-json", ["inspect", "{t_deep_object}"], "nested"),
+    ("inspect-tampered-mean", ["inspect", "{t_data_mean_inf}"], "data_config.mean"),
+    ("inspect-tampered-crop", ["inspect", "{t_crop_tiny}"], "data_config.crop_pct"),
+    ("eval-ckpt-is-dir", ["eval", "{work}/adir", "--data", "{imgs}"], "is a folder"),
+    ("bench-batch-huge", ["bench", "{ckpt}", "-b", "9" * 30, "--rounds", "1", "--no-train"], "--batch-size"),
+    ("bench-threads-huge", ["bench", "{ckpt}", "--threads", "9" * 30, "--rounds", "1"], "--threads"),
+    ("ft-out-cwd-with-files", ["finetune", "{ckpt}", "--data", "{imgs}", "-o", ""], "other files"),
     ("eval-data-missing", ["eval", "{ckpt}", "--data", "{root}/nope"], "not found"),
     ("bench-cuda", ["bench", "{ckpt}", "--device", "cuda:3"], "cuda"),
     ("bench-dtype", ["bench", "{ckpt}", "--dtype", "float8"], "--dtype"),
@@ -586,6 +615,28 @@ def test_ctrl_c_in_a_real_process(world, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("interrupted"), err
     assert "Traceback" not in err
     assert not run.exists() or (run / "checkpoint.safetensors").exists()
+
+
+def test_ctrl_c_while_pixify_is_still_being_imported(world):
+    """The first second or two of any command is spent importing torch and the model libraries; a Ctrl-C then
+    used to end in the import's traceback. Now: one line, exit 130, whenever it lands."""
+    import shutil
+
+    commands = [[sys.executable, "-m", "pixify"]]
+    if shutil.which("pixify"):
+        commands.append([shutil.which("pixify")])
+    for command in commands:
+        for delay in (0.25, 0.5, 0.8, 1.2):
+            proc = subprocess.Popen([*command, "inspect", str(world["ckpt"])], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=120)
+            lines = [line for line in err.strip().splitlines() if line.strip()]
+            if proc.returncode == 0:  # finished before the signal: nothing to check
+                continue
+            assert proc.returncode == 130, (command, delay, err)
+            assert len(lines) == 1 and lines[0].startswith("interrupted"), (command, delay, err)
 
 
 _LOADER_LOOP = """

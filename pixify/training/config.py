@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import PixifyError
-from ..validate import check_workers
+from ..validate import check_batch_size, check_workers
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "resolve_config", "DEFAULT_LR"]
 
@@ -55,8 +55,7 @@ class FinetuneConfig:
                 bad(f"--epochs must be an integer >= 1, got {self.epochs}", "use --epochs 1 or --steps N")
         elif not isinstance(self.steps, int) or self.steps < 1:
             bad(f"--steps must be an integer >= 1, got {self.steps}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            bad(f"--batch-size must be >= 1, got {self.batch_size}")
+        check_batch_size(self.batch_size)
         if not isinstance(self.optimizer, str) or self.optimizer not in DEFAULT_LR:
             bad(f"unknown optimizer '{self.optimizer}'", "use adamw or sgd")
         if self.lr is None:

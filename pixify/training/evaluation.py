@@ -28,14 +28,13 @@ def evaluate(model: nn.Module | str | Path, data: Any, teacher: nn.Module | str 
     :func:`pixify.data.prepare_data`) or an iterable of ``(images, labels)`` batches. ``teacher``: as in
     :func:`finetune`; ``False`` skips the teacher.
     """
-    from ..data import DataSource, create_loader, prepare_data, resolve_data_config
+    from ..data import DataSource, create_loader, prepare_data, read_batches, resolve_data_config
 
-    from ..validate import check_device, check_workers
+    from ..validate import check_batch_size, check_device, check_workers
 
     device = str(check_device(device)) if device is not None else _default_device()
     check_workers(workers)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise PixifyError(f"batch size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     student, recipe, _ = _load_student(model)
     if isinstance(data, (str, Path, DataSource)):
         source = data if isinstance(data, DataSource) else prepare_data(data, split="val", check_images=check_images,
@@ -54,7 +53,7 @@ def evaluate(model: nn.Module | str | Path, data: Any, teacher: nn.Module | str 
     n = c1 = c5 = agree = tc1 = 0
     t0 = time.perf_counter()
     bar = _Progress(progress, "eval", len(loader) if hasattr(loader, "__len__") else None)
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(read_batches(loader)):
         if max_batches is not None and i >= max_batches:
             break
         x = _batch_input(batch).to(device)

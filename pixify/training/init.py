@@ -156,13 +156,14 @@ def _initialise(student: nn.Module, teacher: nn.Module, loader: Iterable, cfg: F
     """Fit the converted sites to the teacher on ~cfg.calib_images training images (cfg.init == 'lsq'; one
     teacher pass, see :func:`pixify.recovery.initialise`), keeping whatever agrees best with the teacher on
     the held-out quarter of those images: the initialisation never makes the agreement worse."""
+    from ..data import read_batches
     from ..recovery import agreement, initialise, split_batches
     from ..rewrite import SiteRecord
 
     t0 = time.perf_counter()
     batches: list[torch.Tensor] = []
     n = 0
-    for batch in loader:
+    for batch in read_batches(loader):
         x = _batch_input(batch).to(dev)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)

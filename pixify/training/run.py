@@ -121,6 +121,7 @@ def _plan(model, data, teacher, out, val_data, resume, cfg: FinetuneConfig, expl
                           "pass --resume to continue it, or choose another --out")
     else:
         fresh_log = True  # a log without any checkpoint belongs to a run that never finished an epoch
+        _check_fresh_folder(out)
     # under torchrun only global rank 0 decodes every image; a bad one stops it, and torchrun stops the others
     check = cfg.check_images and _rank() == 0
     source = data if isinstance(data, DataSource) else prepare_data(
@@ -270,6 +271,8 @@ def _train_step(run: _Run, batch: Any, epoch: int) -> tuple[float, float, float,
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     """One pass (or the part of it the step budget leaves); returns the epoch's log record."""
+    from ..data import read_batches
+
     cfg = run.cfg
     _seed_all(_epoch_seed(cfg.seed, epoch, run.rank))
     sampler = getattr(run.loader, "sampler", None)
@@ -283,7 +286,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     seen = 0
     window: dict[str, float] = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "n": 0, "images": 0}
     t_win = t_epoch = time.perf_counter()
-    for i, batch in enumerate(run.loader):
+    for i, batch in enumerate(read_batches(run.loader)):
         if i >= epoch_steps:
             break
         lr = run.opt.param_groups[0]["lr"]
@@ -344,6 +347,20 @@ def _save_epoch(run: _Run, epoch: int, record: dict[str, Any]) -> None:
         if "val_agreement" in record:
             msg += f", agreement {record['val_agreement']:.2f}%"
         print(msg, file=sys.stderr, flush=True)
+
+
+def _check_fresh_folder(out: Path) -> None:
+    """A new run writes into a new or empty folder, or one that only holds what a run of pixify leaves
+    (so that ``-o .`` or ``-o ''`` cannot scatter run files among the user's own)."""
+    from ..outputs import _TMP_RE
+
+    if not out.is_dir():
+        return
+    ours = {CHECKPOINT_NAME, STATE_NAME, LOG_NAME, PLOT_NAME}
+    others = sorted(e.name for e in out.iterdir() if e.name not in ours and not _TMP_RE.match(e.name))
+    if others:
+        raise PixifyError(f"--out {out} already holds other files ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''})", "choose a new or empty folder")
 
 
 def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | str | Path | None = None,
