@@ -34,6 +34,7 @@ from torch import nn
 
 from .graph import Candidate
 from .ops import PiX, pix_groups
+from .schema import MAX_CHANNELS
 
 __all__ = ["PiXBlock", "SiteRecord", "plan_sites", "apply_sites", "parse_zeta", "INIT_P"]
 
@@ -93,7 +94,7 @@ class SiteRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-MAX_ZETA = 1 << 20  # no layer has more channels; a checkpoint's recipe holds ζ up to this
+MAX_ZETA = MAX_CHANNELS  # no layer has more channels; a checkpoint's recipe holds ζ up to this
 
 
 def parse_zeta(value: Any) -> int | str:

@@ -30,7 +30,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")  # a module's qualified name
 _MODEL = re.compile(r"^[A-Za-z0-9_.\-/:<>]{1,300}$")  # a model name (timm, torchvision, hf-hub id, class path)
 _WEIGHTS = re.compile(r"^(random|module|user|pretrained(:[A-Za-z0-9_.\-]{1,100})?|file:[^/\\\x00]{1,255})$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_MAX_CHANNELS = 1 << 20
+MAX_CHANNELS = 1 << 20  # channels of one layer, and so the largest ζ
 # Preprocessing a recipe may remember, and that convert/finetune/eval accept (closed ranges): a std below
 # 1e-6 vanishes or overflows in float32 pixels, a crop fraction below 0.05 asks for images 20x the input.
 MEAN_RANGE = (-1e6, 1e6)
@@ -158,11 +158,11 @@ def _site(i: int, s: Any) -> None:
     _str(f"{p}.action", s.get("action"), choices=_ACTIONS)
     _str(f"{p}.rule", s.get("rule", ""), max_len=200)
     _str(f"{p}.pattern", s.get("pattern", ""), max_len=200)
-    _int(f"{p}.c_in", s.get("c_in"), 1, _MAX_CHANNELS)
-    _int(f"{p}.c_out", s.get("c_out"), 1, _MAX_CHANNELS)
+    _int(f"{p}.c_in", s.get("c_in"), 1, MAX_CHANNELS)
+    _int(f"{p}.c_out", s.get("c_out"), 1, MAX_CHANNELS)
     _int(f"{p}.spatial", s.get("spatial", 1), 0, 1 << 40)
     _int(f"{p}.channel_dim", s.get("channel_dim"), -1, 3)
-    _int(f"{p}.zeta", s.get("zeta"), 1, _MAX_CHANNELS)
+    _int(f"{p}.zeta", s.get("zeta"), 1, MAX_CHANNELS)
     _num(f"{p}.tau", s.get("tau", 0.5), 0.0, 1.0, open_ends=True)
     _names(f"{p}.removed", s.get("removed", []))
     _names(f"{p}.kept", s.get("kept", []), None)  # names with a note: "layer1.1.relu (shared module, kept)"
@@ -214,7 +214,7 @@ def validate_recipe(recipe: Any) -> None:
     _str("mode", recipe.get("mode"), choices=_MODES, optional=True)
     zeta = recipe.get("zeta")
     if zeta is not None and zeta != "auto":
-        _int("zeta", zeta, 1, _MAX_CHANNELS)
+        _int("zeta", zeta, 1, MAX_CHANNELS)
     _num("tau", recipe.get("tau"), 0.0, 1.0, optional=True, open_ends=True)
     _str("preset", recipe.get("preset"), choices=("paper",), optional=True)
     shape = recipe.get("input_shape")
