@@ -36,6 +36,13 @@ def save(model: nn.Module, path: str | Path, recipe: dict[str, Any] | None = Non
     recipe = recipe if recipe is not None else getattr(model, "pixify_recipe", None)
     if recipe is None:
         raise PixifyError("this model carries no pixify recipe", "save the model returned by pixify.convert")
+    if not isinstance(recipe, dict):
+        raise PixifyError(f"the recipe must be the dict pixify.convert made, got {type(recipe).__name__}")
+    if not isinstance(path, (str, Path)):
+        raise PixifyError(f"expected a file name to save to, got {type(path).__name__}")
+    if not isinstance(model, nn.Module) or any(t.is_meta for t in model.state_dict().values()):
+        raise PixifyError("the model has no weights to save (it is on the meta device)" if isinstance(model, nn.Module)
+                          else f"expected a torch.nn.Module, got {type(model).__name__}")
     from . import __version__
 
     src = recipe.get("source") or {}
@@ -48,7 +55,10 @@ def save(model: nn.Module, path: str | Path, recipe: dict[str, Any] | None = Non
             "to pixify.convert"), stacklevel=2)
     meta = dict(recipe)
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, pixify_version=__version__)
-    meta = json.loads(json.dumps(meta))  # as a reader will see it (tuples become lists)
+    try:
+        meta = json.loads(json.dumps(meta))  # as a reader will see it (tuples become lists)
+    except (TypeError, ValueError) as exc:
+        raise PixifyError(f"the recipe is not JSON data ({exc})", "save the recipe pixify.convert made") from None
     from .schema import validate_recipe
 
     try:  # never write a checkpoint that pixify.load would refuse
@@ -182,6 +192,12 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
     from .validate import check_device
 
     dev = check_device(map_location, "map_location")
+    if not isinstance(path, (str, Path)):
+        raise CheckpointError(f"expected the path of a checkpoint, got {type(path).__name__}")
+    if model is not None:
+        from .conversion import check_eager_model
+
+        check_eager_model(model)
     recipe = read_recipe(path)
     source = Source.from_json(recipe["source"])
     if model is None:
@@ -199,6 +215,10 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
         raise CheckpointError(f"{path}: the recipe does not apply to {source.spec}: {exc}") from None
     try:
         _load_weights(model, path, str(dev))
+    except (OSError, ValueError) as exc:  # the file changed or vanished since its recipe was read
+        raise CheckpointError(f"{path}: cannot read its weights ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})",
+                              "the file changed while it was read; try again") from None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise CheckpointError(f"{path}: the weights do not fit the rebuilt model "

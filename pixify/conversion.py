@@ -22,7 +22,7 @@ from .graph import Analysis, NearMiss, Untraced, analyse, example_input_for
 from .metrics import _call, _logits, count_macs, count_params, output_agreement
 from .ops import eager_kernels
 from .rewrite import SiteRecord, apply_sites, parse_zeta, plan_sites
-from .rules import Rule, active_rules
+from .rules import Rule, active_rules, check_rule
 from .sources import Source
 
 __all__ = ["ConversionReport", "convert", "convert_named", "inspect", "recalibrate_batchnorm"]
@@ -119,11 +119,16 @@ def _rules_for(mode: str, preset: str | None, rules: Iterable[Rule | str | Path]
     for r in rules or []:
         if not isinstance(r, (Rule, str, Path)):
             raise PixifyError(f"rules must be Rule objects or paths of rules files, got {type(r).__name__}")
-        (extra if isinstance(r, Rule) else files).append(r)
+        if isinstance(r, Rule):
+            extra.append(check_rule(r))
+        else:
+            files.append(r)
     return active_rules(mode, preset, extra=extra, files=files)
 
 
-def _prepare(model: nn.Module, zeta, tau, preset, mode, rules, example_input):
+def check_eager_model(model: Any) -> nn.Module:
+    """``model`` if it is an eager ``nn.Module`` with real weights (what pixify rewrites and loads into);
+    else a one-line PixifyError."""
     if not isinstance(model, nn.Module):
         raise PixifyError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, torch.jit.ScriptModule):
@@ -135,6 +140,30 @@ def _prepare(model: nn.Module, zeta, tau, preset, mode, rules, example_input):
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         raise PixifyError("the model is on the meta device (it has no weights)",
                           "materialise it first: model.to_empty(device='cpu'), then load its weights")
+    return model
+
+
+def _check_example(example_input: Any) -> None:
+    if example_input is None:
+        return
+    if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
+        raise PixifyError(f"example_input must be a floating-point tensor, got {type(example_input).__name__}"
+                          + (f" of {example_input.dtype}" if isinstance(example_input, torch.Tensor) else ""))
+    if example_input.dim() < 2 or example_input.shape[0] < 1 or example_input.numel() == 0:
+        raise PixifyError(f"example_input must hold at least one example (N >= 1), got shape "
+                          f"{tuple(example_input.shape)}")
+    if example_input.is_meta:
+        raise PixifyError("example_input is on the meta device", "give a real tensor, e.g. torch.randn(1, 3, 224, 224)")
+
+
+def _check_progress(progress: Any) -> None:
+    if progress is not None and not callable(progress):
+        raise PixifyError(f"progress must be a function progress(done, total), got {type(progress).__name__}")
+
+
+def _prepare(model: nn.Module, zeta, tau, preset, mode, rules, example_input):
+    check_eager_model(model)
+    _check_example(example_input)
     zeta = _check_zeta(zeta)
     tau = _check_tau(tau)
     if preset is not None and zeta != "auto":
@@ -175,6 +204,9 @@ def _calibration_inputs(calibration: Iterable[Any], example: Any) -> list[torch.
         if want is not None and (b.dim() != len(want) + 1 or tuple(b.shape[1:]) != want or len(b) == 0):
             raise PixifyError(f"calibration batch {i} has shape {tuple(b.shape)}; the model's example input is "
                               f"(N, {', '.join(map(str, want))})", "use the model's input size")
+        if isinstance(example, torch.Tensor) and (b.dtype != example.dtype or b.device != example.device):
+            raise PixifyError(f"calibration batch {i} is {b.dtype} on {b.device}; the model runs "
+                              f"{example.dtype} on {example.device}", "convert the batches with .to(...) first")
     return batches
 
 
@@ -199,6 +231,7 @@ def inspect(model: nn.Module, zeta: int | str = "auto", tau: float = 0.5, preset
     fitted to the original on three quarters of the images, and compared with the original on the held-out
     quarter (``report.selection["costs"]``: MACs saved, top-1 agreement, logit error).
     """
+    _check_progress(progress)
     _, report = convert(model, zeta=zeta, tau=tau, preset=preset, mode=mode, rules=rules,
                         example_input=example_input, source=source, inplace=False)
     if calibration is not None:
@@ -268,6 +301,7 @@ def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, 
              source: Source | None, inplace: bool, budget: Any = None,
              progress: Callable[[int, int], None] | None = None) -> tuple[nn.Module, ConversionReport]:
     t0 = time.perf_counter()
+    _check_progress(progress)
     zeta, tau, rule_list, example = _prepare(model, zeta, tau, preset, mode, rules, example_input)
     from .provenance import source_for
 
@@ -450,18 +484,30 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     Returns the number of batch-norm layers reset. The model is left in eval mode.
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = {}
+    saved, before = {}, {}
     for m in bns:
         saved[m] = m.momentum
+        before[m] = {k: v.clone() for k, v in m.state_dict().items()}
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
     model.train()
+    ok = False
     try:
-        for b in batches:
-            _call(model, b)
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    _call(model, b)
+                except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # e.g. the wrong channels
+                    shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+                    raise PixifyError(f"a calibration batch of {shape} does not run through the model: "
+                                      f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}",
+                                      "give batches of the model's input; its statistics were left as they were") from None
+        ok = True
     finally:
         for m, mom in saved.items():
             m.momentum = mom
+            if not ok:  # an error or Ctrl-C: the statistics as they were, not half re-estimated
+                m.load_state_dict(before[m])
         model.eval()
     return len(bns)
 

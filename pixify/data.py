@@ -190,6 +190,9 @@ def resolve_data_config(model: nn.Module, input_size: Sequence[int] | None = Non
         input_size = tuple(int(s) for s in input_size)
         if len(input_size) != 3 or any(s < 1 for s in input_size):
             raise PixifyError(f"input size must be C,H,W positive integers, got {input_size}")
+        from .validate import check_input_size
+
+        check_input_size(input_size)
         args["input_size"] = input_size
     if interpolation:
         if interpolation not in INTERPOLATIONS:
@@ -220,6 +223,24 @@ def resolve_data_config(model: nn.Module, input_size: Sequence[int] | None = Non
 
 
 PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+
+
+def user_data_config(model: nn.Module, data_config: Any) -> dict[str, Any]:
+    """A data config given in Python (``finetune(data_config=...)``, ``evaluate(data_config=...)``), checked
+    and completed like the command line's options: what it leaves out comes from the model."""
+    if not isinstance(data_config, dict):
+        raise PixifyError(f"data_config must be a dict of preprocessing options, got {type(data_config).__name__}")
+    unknown = sorted(set(data_config) - set(PREPROCESSING_KEYS) - {"crop_mode"})
+    if unknown:
+        raise PixifyError(f"data_config has unknown keys: {', '.join(map(str, unknown))}",
+                          f"use {', '.join(PREPROCESSING_KEYS)}")
+    try:
+        size = data_config.get("input_size")
+        return resolve_data_config(model, tuple(size) if size is not None else None, mean=data_config.get("mean"),
+                                   std=data_config.get("std"), crop_pct=data_config.get("crop_pct"),
+                                   interpolation=data_config.get("interpolation"))
+    except (TypeError, ValueError) as exc:
+        raise PixifyError(f"data_config is not valid: {exc}") from None
 
 
 def remembered_preprocessing(data_config: dict[str, Any]) -> dict[str, Any]:

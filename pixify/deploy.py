@@ -25,6 +25,7 @@ __all__ = ["export", "ExportReport", "FORMATS"]
 
 FORMATS = {".onnx": "onnx", ".pt2": "torch.export"}
 DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the dynamo exporter writes 18 and later (earlier ones go through a converter that fails)
 
 
 @dataclass
@@ -61,17 +62,46 @@ def _example(model: nn.Module, recipe: dict[str, Any], batch: int, input_size: t
     return example_input_for(model, batch_size=batch, input_size=input_size, seed=seed)
 
 
+MAX_EXPORT_BATCH = 4096  # the dynamic batch axis's upper bound too
+
+
 def _parse_batch(batch: Any) -> int | None:
     """None for a dynamic batch axis, else the fixed batch size."""
-    if batch in (None, "dynamic"):
+    if batch is None or (isinstance(batch, str) and batch.strip() == "dynamic"):
         return None
+    bad = PixifyError(f"--batch must be 'dynamic' or an integer from 1 to {MAX_EXPORT_BATCH}, got {batch!r}")
+    if isinstance(batch, bool) or isinstance(batch, float):
+        raise bad
     try:
         b = int(batch)
     except (TypeError, ValueError):
-        raise PixifyError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}") from None
-    if b < 1:
-        raise PixifyError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}")
+        raise bad from None
+    if not 1 <= b <= MAX_EXPORT_BATCH:
+        raise bad
     return b
+
+
+def _check_args(path: Any, opset: Any, input_size: Any, atol: Any, inputs: Any) -> None:
+    """What export() is given, checked before any work: one-line errors."""
+    import onnx.defs
+
+    from .validate import check_input_size
+
+    if not isinstance(path, (str, Path)):
+        raise PixifyError(f"the export path must be a file name, got {type(path).__name__}")
+    top = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= top:
+        raise PixifyError(f"--opset must be an integer from {MIN_OPSET} to {top}, got {opset!r}",
+                          f"the exporter writes opset {MIN_OPSET} or later")
+    if input_size is not None:
+        if not isinstance(input_size, (tuple, list)):
+            raise PixifyError(f"input_size must be (C, H, W) integers, got {input_size!r}")
+        check_input_size(input_size, "input_size")
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not (0 < atol < math.inf):
+        raise PixifyError(f"atol must be a positive number, got {atol!r}")
+    if inputs is not None and (not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point()
+                               or inputs.dim() < 2 or inputs.device.type == "meta"):
+        raise PixifyError("inputs must be a floating-point tensor of images (N, C, H, W)")
 
 
 def export(model: nn.Module | str | Path, path: str | Path, *, batch: int | str = "dynamic",
@@ -91,14 +121,13 @@ def export(model: nn.Module | str | Path, path: str | Path, *, batch: int | str 
     import time
 
     t0 = time.perf_counter()
+    _check_args(path, opset, input_size, atol, inputs)
     p = Path(path)
     kind = FORMATS.get(p.suffix.lower())
     if kind is None:
         raise PixifyError(f"cannot tell the export format from {p.name}", "use a .onnx or .pt2 file name")
     check_output_file(p, "-o")
     fixed = _parse_batch(batch)
-    if not isinstance(opset, int) or not 7 <= opset <= 30:
-        raise PixifyError(f"--opset must be an integer between 7 and 30, got {opset!r}")
     if kind == "onnx" and check:
         try:
             import onnxruntime  # noqa: F401
@@ -107,8 +136,21 @@ def export(model: nn.Module | str | Path, path: str | Path, *, batch: int | str 
                               "pip install 'pixify[deploy]', or pass --no-check") from None
     model, recipe = _load(model)
     model = model.eval()
+    if any(t.device.type == "meta" for t in model.parameters()):
+        raise PixifyError("the model is on the meta device (it has no weights)", "load or convert it for real")
     trace_batch = fixed if fixed is not None else 2  # torch.export specialises sizes 0 and 1
+    shape = input_size or (recipe.get("input_shape") or [None])[1:]
+    if shape and all(isinstance(d, int) for d in shape) and trace_batch * math.prod(shape) > 1 << 28:
+        raise PixifyError(f"--batch {trace_batch} of {tuple(shape)} inputs is more than pixify allocates "
+                          f"({1 << 28:,} values)", "export with a dynamic batch, or a smaller fixed one")
     example = _example(model, recipe, trace_batch, input_size)
+    if inputs is not None:
+        if tuple(inputs.shape[1:]) != tuple(example.shape[1:]):
+            raise PixifyError(f"inputs of shape {tuple(inputs.shape)} do not fit the model's input "
+                              f"{tuple(example.shape[1:])}", "give (N, " + ", ".join(map(str, example.shape[1:])) + ")")
+        if (fixed is not None and inputs.shape[0] != fixed) or not 1 <= inputs.shape[0] <= MAX_EXPORT_BATCH:
+            raise PixifyError(f"inputs hold {inputs.shape[0]} images; the export takes "
+                              f"{fixed if fixed is not None else f'1 to {MAX_EXPORT_BATCH}'}")
     report = ExportReport(str(p), kind, "dynamic" if fixed is None else str(fixed), list(example.shape[1:]),
                           opset if kind == "onnx" else None)
     def write(tmp: str) -> None:  # into the temporary file beside the target: renamed into place if it checks
@@ -140,7 +182,13 @@ def _to_onnx(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool, 
     import warnings
 
     dyn = _batch_axis(dynamic)
+    import logging
+
+    quiet = [logging.getLogger(n) for n in ("onnxscript", "torch.onnx")]  # their notes would break one-line output
+    levels = [q.level for q in quiet]
     try:
+        for q in quiet:
+            q.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(_Wrapped(model), (example,), dynamo=True, opset_version=opset,
@@ -149,9 +197,16 @@ def _to_onnx(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool, 
     except Exception as exc:  # noqa: BLE001 - the exporter's many failure types: one line for the user
         raise PixifyError(f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
                           "try .pt2 (torch.export), or --batch N") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     import onnx
 
-    return len(onnx.load(str(out), load_external_data=False).graph.node)
+    graph = onnx.load(str(out), load_external_data=False)
+    written = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise PixifyError(f"the exporter wrote opset {written}, not the {opset} asked for", f"use --opset {written}")
+    return len(graph.graph.node)
 
 
 def _exported_program(model: nn.Module, example: torch.Tensor, dynamic: bool) -> torch.export.ExportedProgram:
@@ -160,7 +215,9 @@ def _exported_program(model: nn.Module, example: torch.Tensor, dynamic: bool) ->
 
 def _to_pt2(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool) -> None:
     try:
-        torch.export.save(_exported_program(model, example, dynamic), str(out))
+        program = _exported_program(model, example, dynamic)
+        with open(out, "wb") as f:  # a file object: torch would warn that the temporary name lacks .pt2
+            torch.export.save(program, f)
     except Exception as exc:  # noqa: BLE001
         raise PixifyError(f"torch.export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
                           "try --batch N") from None
@@ -187,7 +244,8 @@ def _runner(path: Path, kind: str) -> Any:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         return lambda x: torch.from_numpy(sess.run(None, {name: x.float().numpy()})[0])
-    program = torch.export.load(str(path)).module()
+    with open(path, "rb") as f:
+        program = torch.export.load(f).module()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -27,7 +27,10 @@ class RuleError(PixifyError):
 
     def __init__(self, path: str, line: int | None, reason: str):
         where = f"{path}:{line}" if line else str(path)
-        super().__init__(f"invalid rules file {where}: {reason}")
+        if str(path).startswith("<"):  # a rule given in Python, not read from a file
+            super().__init__(f"invalid rule {where}: {reason}")
+        else:
+            super().__init__(f"invalid rules file {where}: {reason}")
         self.path, self.line, self.reason = path, line, reason
 
 

@@ -159,6 +159,8 @@ def parse_rules(text: str, path: str = "<string>") -> list[Rule]:
     """Parse and validate a rules document; raises :class:`RuleError` naming file, line and reason."""
     try:
         doc = tomllib.loads(text)
+    except RecursionError:
+        raise RuleError(path, None, "nested deeper than any rules file") from None
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = re.search(r"line (\d+)", msg)
@@ -174,6 +176,9 @@ def parse_rules(text: str, path: str = "<string>") -> list[Rule]:
     rules = []
     names = set()
     for i, table in enumerate(tables):
+        if not isinstance(table, dict):
+            raise RuleError(path, _line_of(text, i, None), "'rule' must be [[rule]] tables, got "
+                            f"{type(table).__name__} values")
         rule = _validate(table, path, lambda key, i=i: _line_of(text, i, key))
         if rule.name in names:
             raise RuleError(path, _line_of(text, i, "name"), f"duplicate rule name '{rule.name}'")
@@ -209,14 +214,31 @@ def builtin_rules() -> list[Rule]:
 _REGISTERED: list[Rule] = []
 
 
+def check_rule(rule: Rule) -> Rule:
+    """``rule`` if its fields are what a rules file may hold (a :class:`Rule` built in Python skips the file's
+    checks); else :class:`RuleError`."""
+    if not isinstance(rule, Rule):
+        raise RuleError("<api>", None, f"expected a pixify.Rule, got {type(rule).__name__}")
+    data = {}
+    for key in _TYPES:
+        value = getattr(rule, key)
+        if value is None:
+            continue
+        data[key] = list(value) if isinstance(value, tuple) else value
+    checked = _validate(data, rule.source if isinstance(rule.source, str) else "<api>", lambda key: None)
+    return rule if rule.digest else checked
+
+
 def register_rule(rule: Rule | dict[str, Any]) -> Rule:
     """Add a rule for this process (a :class:`Rule` or a dict with the TOML keys)."""
     if isinstance(rule, dict):
         rule = _validate(dict(rule), "<register_rule>", lambda key: None)
     elif not isinstance(rule, Rule):
-        raise TypeError("register_rule takes a Rule or a dict of rule keys")
+        raise RuleError("<register_rule>", None, f"takes a Rule or a dict of rule keys, got {type(rule).__name__}")
+    else:
+        rule = check_rule(rule)
     if any(r.name == rule.name for r in _REGISTERED):
-        raise ValueError(f"a rule named '{rule.name}' is already registered")
+        raise RuleError("<register_rule>", None, f"a rule named '{rule.name}' is already registered",)
     _REGISTERED.append(rule)
     return rule
 

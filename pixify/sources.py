@@ -354,6 +354,14 @@ def create_model(spec: str, pretrained: bool = True, weights: str | Path | None 
     (``key_map="positional"`` renames the file's keys to the model's by order, see :func:`map_keys`).
     Random initialisation is seeded (``seed``) so that the same model can be rebuilt as a teacher.
     """
+    if not isinstance(spec, str):
+        raise PixifyError(f"the model must be named by a string such as 'resnet50', got {type(spec).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise PixifyError(f"kwargs must be a dict of constructor arguments, got {type(kwargs).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise PixifyError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    if weights is not None and not isinstance(weights, (str, Path)):
+        raise PixifyError(f"weights must be the path of a file, got {type(weights).__name__}")
     kwargs = dict(kwargs or {})
     library, name = parse_spec(spec)
     if key_map is not None:

@@ -31,6 +31,8 @@ def check_device(device: Any, what: str = "--device") -> torch.device:
                               f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     elif dev.type != "cpu":
         raise PixifyError(f"{what} {device!r}: pixify runs on cpu or cuda", "use 'cpu' or 'cuda'")
+    elif dev.index not in (None, 0):
+        raise PixifyError(f"{what} {device!r}: there is one CPU device", "use 'cpu'")
     return dev
 
 

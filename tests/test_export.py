@@ -87,6 +87,25 @@ def test_fixed_batch_and_the_cli(tmp_path, capsys):
     assert rep["batch"] == "2" and rep["checked"][0]["batch"] == 2 and rep["input_shape"] == [3, 32, 32]
 
 
+def test_a_successful_export_prints_nothing_on_stderr(tmp_path):
+    """torch.export used to log two lines naming the temporary file (it lacks .pt2), and the ONNX exporter a
+    note for opsets its own converter does not reach; a successful export says nothing on stderr."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "m.safetensors"
+    pixify.save(_tiny(), ckpt)
+    for out, extra in (("m.pt2", []), ("m.onnx", ["--opset", "26"])):
+        res = subprocess.run([sys.executable, "-m", "pixify", "export", str(ckpt), "-o", str(tmp_path / out), *extra],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        assert res.stderr.strip() == "", res.stderr
+        assert (tmp_path / out).is_file()
+    import onnx
+
+    assert [o.version for o in onnx.load(str(tmp_path / "m.onnx")).opset_import if o.domain in ("", "ai.onnx")] == [26]
+
+
 def test_a_graph_that_does_not_match_is_not_kept(tmp_path, monkeypatch):
     import pixify.deploy as deploy
 

@@ -96,6 +96,10 @@ def world(tmp_path_factory):
     loop = _write_images(root / "loop", classes=None)
     (loop / "again").symlink_to(loop, target_is_directory=True)
     w["loop"] = loop
+    w["deep_rules"] = root / "deep.toml"
+    w["deep_rules"].write_text("include = " + "[" * 3000 + "]" * 3000 + "\n")
+    w["int_rules"] = root / "ints.toml"
+    w["int_rules"].write_text("rule = [1, 2]\n")
     w["textfile"] = root / "notes.txt"
     w["textfile"].write_text("hello\n")
     w["syntax"] = root / "syntax.toml"
@@ -315,6 +319,10 @@ CLI_CASES = [
     ("eval-batch-huge", ["eval", "{ckpt}", "--data", "{imgs}", "-b", "9" * 30], "--batch-size"),
     ("eval-bomb-unchecked", ["eval", "{ckpt}", "--data", "{bomb}", "--no-check-images", "--no-teacher", "-j", "0"],
      "cannot read the data"),
+    ("export-opset-old", ["export", "{ckpt}", "-o", "{work}/m.onnx", "--opset", "8"], "--opset"),
+    ("export-batch-huge", ["export", "{ckpt}", "-o", "{work}/m.pt2", "--batch", "99999999999"], "--batch"),
+    ("rules-nested", ["rules", "--rules", "{deep_rules}"], "nested"),
+    ("rules-not-tables", ["rules", "--rules", "{int_rules}"], "tables"),
     ("eval-teacher-and-none", ["eval", "{ckpt}", "--data", "{imgs}", "--teacher", "{ckpt}", "--no-teacher"],
      "contradict"),
     ("eval-std-denormal", ["eval", "{ckpt}", "--data", "{imgs}", "--std", "1e-320"], "--std"),
@@ -447,6 +455,60 @@ def _api_cases():
          PixifyError, "a folder"),
         ("finetune-out-file", lambda w: pixify.finetune(w["ckpt"], w["imgs"], out=w["work"] / "afile"),
          PixifyError, "is a file"),
+        ("recalibrate-wrong-channels", lambda w: pixify.recalibrate_batchnorm(pixify.load(w["ckpt"]),
+                                                                             [torch.randn(2, 1, 32, 32)]),
+         PixifyError, "does not run through the model"),
+        ("load-map-location-cpu1", lambda w: pixify.load(w["ckpt"], map_location="cpu:1"), PixifyError, "one CPU"),
+        ("load-into-script", lambda w: pixify.load(w["ckpt"], model=torch.jit.script(_Net())), PixifyError,
+         "TorchScript"),
+        ("load-path-none", lambda w: pixify.load(None), CheckpointError, "path"),
+        ("save-recipe-str", lambda w: pixify.save(_Net(), w["work"] / "x.safetensors", recipe="abc"), PixifyError,
+         "recipe"),
+        ("save-recipe-object", lambda w: pixify.save(pixify.convert(_Net(), example_input=x)[0],
+                                                     w["work"] / "x.safetensors",
+                                                     recipe={**pixify.convert(_Net(), example_input=x)[0].pixify_recipe,
+                                                             "x": object()}), PixifyError, "JSON"),
+        ("convert-example-empty", lambda w: pixify.convert(_Net(), example_input=torch.randn(0, 3, 16, 16)),
+         PixifyError, "at least one"),
+        ("convert-example-dict", lambda w: pixify.convert(_Net(), example_input={"x": x}), PixifyError,
+         "example_input"),
+        ("convert-calibration-half", lambda w: pixify.convert(_Net(), example_input=x,
+                                                              calibration=[x.half()] * 2), PixifyError,
+         "float16"),
+        ("convert-progress-int", lambda w: pixify.convert(_Net(), example_input=x, progress=5), PixifyError,
+         "progress"),
+        ("convert-rule-empty-pattern", lambda w: pixify.convert(_Net(), example_input=x, rules=[
+            pixify.Rule(name="r", description="d", pattern=())]), PixifyError, "pattern"),
+        ("convert-rule-bad-priority", lambda w: pixify.convert(_Net(), example_input=x, rules=[
+            pixify.Rule(name="r", description="d", priority="x")]), PixifyError, "priority"),
+        ("register-rule-int", lambda w: pixify.register_rule(5), PixifyError, "Rule"),
+        ("export-meta", lambda w: pixify.export(pixify.load(w["ckpt"]).to("meta"), w["work"] / "m.pt2"),
+         PixifyError, "meta"),
+        ("export-inputs-wrong-size", lambda w: pixify.export(w["ckpt"], w["work"] / "m.pt2",
+                                                             inputs=torch.randn(2, 3, 16, 16)), PixifyError,
+         "do not fit"),
+        ("export-input-size-str", lambda w: pixify.export(w["ckpt"], w["work"] / "m.pt2", input_size="3,32,32"),
+         PixifyError, "input_size"),
+        ("export-atol-nan", lambda w: pixify.export(w["ckpt"], w["work"] / "m.pt2", atol=float("nan")),
+         PixifyError, "atol"),
+        ("export-batch-float", lambda w: pixify.export(w["ckpt"], w["work"] / "m.pt2", batch=1.7), PixifyError,
+         "--batch"),
+        ("finetune-warmup-str", lambda w: pixify.finetune(w["ckpt"], w["imgs"], out=w["work"] / "r", warmup="x"),
+         PixifyError, "warmup"),
+        ("finetune-seed-huge", lambda w: pixify.finetune(w["ckpt"], w["imgs"], out=w["work"] / "r", seed=2 ** 70),
+         PixifyError, "seed"),
+        ("finetune-config-str", lambda w: pixify.finetune(w["ckpt"], w["imgs"], out=w["work"] / "r",
+                                                          config="fast"), PixifyError, "FinetuneConfig"),
+        ("finetune-data-config-bad", lambda w: pixify.finetune(w["ckpt"], w["imgs"], out=w["work"] / "r", steps=1,
+                                                               calib_images=0, data_config={"mean": "abc"}),
+         PixifyError, "data_config"),
+        ("evaluate-data-int", lambda w: pixify.evaluate(w["ckpt"], 5), PixifyError, "data must be"),
+        ("evaluate-wrong-channels", lambda w: pixify.evaluate(w["ckpt"], [(torch.randn(2, 1, 32, 32),
+                                                                          torch.zeros(2, dtype=torch.long))],
+                                                              teacher=False), PixifyError, "does not run"),
+        ("create-model-none", lambda w: pixify.create_model(None), PixifyError, "string"),
+        ("create-model-kwargs-list", lambda w: pixify.create_model("resnet18", pretrained=False, kwargs=[1, 2]),
+         PixifyError, "kwargs"),
     ]
 
 

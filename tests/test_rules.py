@@ -76,7 +76,7 @@ def test_register_rule_adds_to_active_set():
                    "kernel_size": 1, "min_ratio": 1.0, "min_spatial": 2, "include": ["nowhere.*"]})
     try:
         assert "api-rule" in [r.name for r in active_rules("squeeze")]
-        with pytest.raises(ValueError):
+        with pytest.raises(RuleError, match="already registered"):
             register_rule({"name": "api-rule", "description": "d", "mode": "squeeze", "pattern": ["conv2d"]})
     finally:
         unregister_rule("api-rule")

@@ -18,6 +18,17 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "resolve_config", "DEFAULT_LR"]
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
 
 
+_NUMBER = (int, float)
+_KINDS: dict[str, tuple[type, ...]] = {
+    "epochs": (int,), "steps": (int,), "batch_size": (int,), "lr": _NUMBER, "min_lr": _NUMBER, "warmup": _NUMBER,
+    "optimizer": (str,), "momentum": _NUMBER, "weight_decay": _NUMBER, "temperature": _NUMBER,
+    "kd_weight": _NUMBER, "init": (str,), "calib_images": (int,), "augment": (bool,), "workers": (int,),
+    "seed": (int,), "amp": (bool,), "channels_last": (bool,), "compile": (bool,), "log_every": (int,),
+    "check_images": (bool,),
+}
+_OPTIONAL = ("steps", "lr", "amp", "channels_last")
+
+
 @dataclass
 class FinetuneConfig:
     """Fine-tuning hyper-parameters. The defaults were chosen on two models: a small ResNet trained from
@@ -49,6 +60,17 @@ class FinetuneConfig:
     def validate(self) -> "FinetuneConfig":
         def bad(msg: str, hint: str | None = None):
             raise PixifyError(msg, hint)
+
+        for f in fields(self):  # the types first, so that the range checks below compare numbers
+            v, kinds = getattr(self, f.name), _KINDS.get(f.name)
+            if kinds is None or (v is None and f.name in _OPTIONAL):
+                continue
+            if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+                bad(f"fine-tuning option {f.name} must be {' or '.join(k.__name__ for k in kinds)}, got {v!r}")
+        if not 0 <= self.seed < 2 ** 63:
+            bad(f"--seed must be in [0, 2^63), got {self.seed}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            bad(f"momentum must be in [0, 1), got {self.momentum}")
 
         if self.steps is None:
             if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -105,6 +127,8 @@ class FinetuneResult:
 def resolve_config(config: FinetuneConfig | None, overrides: dict[str, Any]) -> tuple[FinetuneConfig, dict[str, Any]]:
     """``config`` (default: the defaults) updated with the keyword ``overrides`` that are not None, validated;
     also returns those explicit overrides (a resumed run reports the ones it ignores)."""
+    if config is not None and not isinstance(config, FinetuneConfig):
+        raise PixifyError(f"config must be a pixify.FinetuneConfig, got {type(config).__name__}")
     cfg = config or FinetuneConfig()
     unknown = set(overrides) - {f.name for f in fields(FinetuneConfig)}
     if unknown:

@@ -28,7 +28,8 @@ def evaluate(model: nn.Module | str | Path, data: Any, teacher: nn.Module | str 
     :func:`pixify.data.prepare_data`) or an iterable of ``(images, labels)`` batches. ``teacher``: as in
     :func:`finetune`; ``False`` skips the teacher.
     """
-    from ..data import DataSource, create_loader, prepare_data, read_batches, resolve_data_config
+    from ..data import (DataSource, create_loader, prepare_data, read_batches, resolve_data_config,
+                        user_data_config)
 
     from ..validate import check_batch_size, check_device, check_workers
 
@@ -39,12 +40,18 @@ def evaluate(model: nn.Module | str | Path, data: Any, teacher: nn.Module | str 
     if isinstance(data, (str, Path, DataSource)):
         source = data if isinstance(data, DataSource) else prepare_data(data, split="val", check_images=check_images,
                                                                           workers=max(1, workers), what="--data")
-        cfg = data_config or resolve_data_config(student)
+        cfg = user_data_config(student, data_config) if data_config is not None else resolve_data_config(student)
         loader = create_loader(source, cfg, batch_size, training=False, workers=workers, device=device)
         labelled = source.labelled
         _check_classes(source, student)
     else:
+        if not hasattr(data, "__iter__") or isinstance(data, (bytes, dict)):
+            raise PixifyError(f"data must be a folder, a pixify DataSource or an iterable of (images, labels) "
+                              f"batches, got {type(data).__name__}")
         loader, labelled = data, True
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise PixifyError(f"max_batches must be a positive integer, got {max_batches!r}")
     tmodel = None if teacher is False else load_teacher(recipe, teacher if teacher is not True else None,
                                                           _near(model))
     student = student.to(device).eval()
@@ -56,8 +63,16 @@ def evaluate(model: nn.Module | str | Path, data: Any, teacher: nn.Module | str 
     for i, batch in enumerate(read_batches(loader)):
         if max_batches is not None and i >= max_batches:
             break
-        x = _batch_input(batch).to(device)
-        out = _logits(student(x)).float()
+        x = _batch_input(batch)
+        if not isinstance(x, torch.Tensor):
+            raise PixifyError(f"batch {i} holds {type(x).__name__}, not a tensor of images")
+        x = x.to(device)
+        try:
+            out = _logits(student(x)).float()
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise PixifyError(f"batch {i} of shape {tuple(x.shape)} does not run through the model: {reason}",
+                              "give images of the model's input size and channels") from None
         k = min(5, out.shape[1])
         top = out.topk(k, dim=1).indices
         if labelled and isinstance(batch, (tuple, list)) and len(batch) > 1:

@@ -87,7 +87,7 @@ class _Run:
 def _plan(model, data, teacher, out, val_data, resume, cfg: FinetuneConfig, explicit: dict[str, Any], device,
           labelled, data_config, progress) -> _Run:
     """Validate everything and load what the run needs; nothing is written."""
-    from ..data import DataSource, prepare_data, resolve_data_config
+    from ..data import DataSource, prepare_data, resolve_data_config, user_data_config
 
     student, recipe, model_name = _load_student(model)
     if out is None:
@@ -133,7 +133,8 @@ def _plan(model, data, teacher, out, val_data, resume, cfg: FinetuneConfig, expl
     _check_classes(source, student)
     tmodel = load_teacher(recipe, teacher, _near(model))
     return _Run(cfg, student, recipe, model_name, out, resume, fresh_log, source, val_source, tmodel, teacher,
-                data_config or resolve_data_config(student), progress, state_tensors, state_meta)
+                user_data_config(student, data_config) if data_config is not None else resolve_data_config(student),
+                progress, state_tensors, state_meta)
 
 
 def _setup(run: _Run, device: str | None) -> None:
