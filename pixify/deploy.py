@@ -83,13 +83,16 @@ def _parse_batch(batch: Any) -> int | None:
 
 def _check_args(path: Any, opset: Any, input_size: Any, atol: Any, inputs: Any) -> None:
     """What export() is given, checked before any work: one-line errors."""
-    import onnx.defs
-
     from .validate import check_input_size
 
     if not isinstance(path, (str, Path)):
         raise PixifyError(f"the export path must be a file name, got {type(path).__name__}")
-    top = onnx.defs.onnx_opset_version()
+    try:
+        import onnx.defs
+
+        top = onnx.defs.onnx_opset_version()
+    except ImportError:  # onnx comes with pixify[deploy]; a .pt2 export does not need it
+        top = 10 ** 6
     if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= top:
         raise PixifyError(f"--opset must be an integer from {MIN_OPSET} to {top}, got {opset!r}",
                           f"the exporter writes opset {MIN_OPSET} or later")
