@@ -311,12 +311,29 @@ def create_loader(source: DataSource, data_config: dict[str, Any], batch_size: i
     return loader
 
 
+def _start(loader: Any) -> Iterator[Any]:
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a Ctrl-C that came meanwhile is raised now
+
+
 def read_batches(loader: Any) -> Iterator[Any]:
     """The batches of ``loader``; an error while reading them (an image that cannot be opened, such as one
     larger than PIL will decode, or a worker that died) is a one-line :class:`PixifyError` instead of the
     loader's traceback (a worker's error arrives with its traceback inside the message: its last line is the
-    reason)."""
-    it = iter(loader)
+    reason).
+
+    Starting the iterator forks the loader's worker processes; a Ctrl-C that lands inside ``fork()`` is
+    swallowed by Python ("Exception ignored in ... _releaseLock") and the run would go on. SIGINT is held
+    back while they start and delivered right after."""
+    it = _start(loader)
     while True:
         try:
             batch = next(it)

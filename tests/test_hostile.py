@@ -723,6 +723,44 @@ except KeyboardInterrupt:
 """
 
 
+_FORKING_LOOP = """
+import sys
+import pixify.data as d
+src = d.prepare_data(sys.argv[1], split="train", check_images=False, workers=2, what="--data")
+cfg = dict(input_size=(3, 16, 16), interpolation="bilinear", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
+loader = d.create_loader(src, cfg, 2, training=True, workers=2)  # workers forked anew for every pass
+print("go", flush=True)
+try:
+    while True:
+        for _ in d.read_batches(loader):
+            pass
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_while_workers_are_forked_is_not_lost(world, tmp_path):
+    """Every pass over the data forks the loader's workers; a Ctrl-C that lands inside fork() used to be
+    swallowed by Python ("Exception ignored in ... _releaseLock") and the run went on. Interrupted at many
+    moments, the loop always stops with its one line."""
+    script = tmp_path / "fork.py"
+    script.write_text(_FORKING_LOOP)
+    for delay in (0.05, 0.15, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3):
+        proc = subprocess.Popen([sys.executable, str(script), str(world["imgs"])], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "go"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"the Ctrl-C after {delay} s was lost: the loop went on") from None
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert proc.returncode == 130 and lines == ["interrupted"], (delay, err)
+
+
 def test_ctrl_c_while_workers_hand_over_a_batch_prints_nothing_from_them(world, tmp_path):
     """Ctrl-C that lands while the main process fetches a batch's shared memory from a data-loading worker
     used to make the worker print a multiprocessing traceback. Interrupted at several moments, only the
