@@ -69,11 +69,16 @@ def pick_or_mix_reference(
 
 
 def pick_or_mix_export(x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channel_dim: int = 1) -> Tensor:
-    """The forward step as an exported graph wants it: equal to :func:`pick_or_mix_reference`, but without
-    moving the channel dimension (no full-size transposes): the subsets are a reshape of the channel axis,
-    reduced over one axis (max, and a sum whose 1/|subset| goes into the coefficient); the pick/mix
-    decision and the coefficient are computed on the small (N, G) tensor; one output-sized select and one
-    multiply remain.  Forward only (an exported graph is for inference)."""
+    """The forward step as an exported graph wants it: equal to :func:`pick_or_mix_reference` for finite
+    inputs, but without moving the channel dimension (no full-size transposes): the subsets are a reshape of
+    the channel axis, reduced over one axis (max, and a sum whose 1/|subset| goes into its coefficient); the
+    pick/mix decision is taken on the small (N, G) tensor as two coefficients, ``a`` (``p`` where the subset
+    picks, else 0) and ``b`` (``p/|subset|`` where it mixes, else 0), and the output is ``max·a + sum·b``.
+    Two broadcast multiplies and an add run faster in ONNX Runtime than an output-sized select with a
+    broadcast condition and a multiply (ResNet-50 ``--zeta auto``, batch 8: 0.95 against 0.985 of the
+    original, see docs/deploy.md).  The price: a subset whose branch is not taken still enters as 0 times
+    its value, so an infinite sum or max there gives NaN where the reference gives the other branch.
+    Forward only (an exported graph is for inference)."""
     zeta = _check_zeta(zeta)
     tau = _check_tau(tau)
     cd = _norm_dim(_check_channel_dim(channel_dim), x.dim())
@@ -96,7 +101,9 @@ def pick_or_mix_export(x: Tensor, p: Tensor, zeta: int, tau: float = 0.5, channe
     if r:
         sizes[-1] = float(r)
     pick = p < tau  # (N, G): decided on the small tensor
-    coef = torch.where(pick, p, p / sizes).to(x.dtype)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
     shape = [1] * x.dim()
     shape[0], shape[cd] = p.shape[0], p.shape[1]
-    return torch.where(pick.reshape(shape), mx_t, sm_t) * coef.reshape(shape)
+    a = torch.where(pick, p, zero).to(x.dtype).reshape(shape)
+    b = torch.where(pick, zero, p / sizes).to(x.dtype).reshape(shape)
+    return mx_t * a + sm_t * b
