@@ -74,6 +74,8 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
+    if not str(path).strip():
+        raise CheckpointError("no checkpoint named (an empty path)", "name a .safetensors file pixify wrote")
     if not p.is_file():
         if p.exists():
             kind = "a folder" if p.is_dir() else "not a regular file"
@@ -92,14 +94,17 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
                               "plain weights go in with --weights FILE")
     try:
         recipe = json.loads(meta[_META_KEY])
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: the pixify recipe is not valid JSON") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer longer than Python converts
+        raise CheckpointError(f"{path}: the pixify recipe is not valid JSON ({str(exc)[:120]})") from None
     except RecursionError:
         raise CheckpointError(f"{path}: the pixify recipe is nested deeper than any recipe pixify writes") from None
     if not isinstance(recipe, dict) or recipe.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pixify checkpoint (unknown recipe format)")
     version = recipe.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: recipe field format_version: expected an integer >= 1, got "
+                              f"{str(version)[:40]}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {version}; this pixify reads up to "
                               f"{FORMAT_VERSION}", "upgrade pixify")
     for key in ("source", "sites"):
@@ -147,6 +152,18 @@ def _load_weights(model: nn.Module, path: str | Path, device: str) -> None:
     if metadata is not None:
         state._metadata = metadata  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)
+
+
+def _mismatch(model: nn.Module, path: str | Path) -> str:
+    """How the file's tensors differ from the model's state dict: counts and a few names (shapes read from the
+    header only)."""
+    from safetensors import safe_open
+
+    from .sources import mismatch_summary
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    return mismatch_summary(model, stored)
 
 
 def _stored_numel(path: str | Path) -> int:
@@ -219,10 +236,9 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
         raise CheckpointError(f"{path}: cannot read its weights ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})",
                               "the file changed while it was read; try again") from None
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise CheckpointError(f"{path}: the weights do not fit the rebuilt model "
-                              f"({first[-1].strip() if first else 'shape mismatch'})") from None
+    except RuntimeError:
+        raise CheckpointError(f"{path}: the weights do not fit the rebuilt model ({_mismatch(model, path)})",
+                              "the file was altered, or its recipe and tensors come from different models") from None
     recipe.pop("_tensor_names", None)
     model.pixify_recipe = recipe
     model.pixify_checkpoint = Path(path).resolve()  # where the original's weights file is looked for

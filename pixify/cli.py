@@ -225,8 +225,11 @@ class _progress:
             return None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        console = Console(stderr=True)
+        if not console.is_terminal:  # a bar in a log or a pipe is noise, and its last frame a stray line
+            return None
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=Console(stderr=True), transient=True)
+                            console=console, transient=True)
         self.bar.start()
         return self
 
@@ -549,7 +552,11 @@ def _bench_models(model: str, zeta: str, input_size):
                 if isinstance(m, PiX):
                     m.weight.copy_(torch.randn(m.weight.shape, generator=g))
     ex = example_input_for(original, input_size=input_size)
-    macs = {"original": count_macs(original, ex), "converted": count_macs(converted, ex)}
+    try:
+        macs = {"original": count_macs(original, ex), "converted": count_macs(converted, ex)}
+    except Exception as exc:
+        raise PixifyError(f"the model does not run on the example input {tuple(ex.shape)}: "
+                          f"{type(exc).__name__}: {exc}", "pass --input-size C,H,W") from None
     params = {"original": count_params(original), "converted": count_params(converted)}
     return original.eval(), converted.eval(), macs, params, label
 

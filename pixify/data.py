@@ -12,14 +12,17 @@ Every problem a user can cause is a one-line :class:`~pixify.errors.PixifyError`
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from timm.data import ImageDataset
 from timm.data.readers.img_extensions import get_img_extensions
 from torch import nn
 
@@ -250,18 +253,67 @@ def remembered_preprocessing(data_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_dataset(source: DataSource, channels: int, training: bool):
-    """A timm dataset for ``source`` (images read as 'L' for 1-channel models, else 'RGB')."""
+    """A timm dataset for ``source`` (images read as 'L' for 1-channel models, else 'RGB'); an image folder's
+    dataset stops at an image it cannot open or decode instead of skipping it (:func:`_strict`)."""
     import timm.data
 
     mode = "L" if channels == 1 else "RGB"
     try:
-        return timm.data.create_dataset(source.name, root=source.root, split=source.split, search_split=False,
-                                        is_training=training, input_img_mode=mode)
+        ds = timm.data.create_dataset(source.name, root=source.root, split=source.split, search_split=False,
+                                      is_training=training, input_img_mode=mode)
     except PixifyError:
         raise
     except Exception as exc:
         raise PixifyError(f"timm cannot read the dataset {source.name or source.root}: "
                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return _strict(ds)
+
+
+_SKIP = threading.local()  # a strict dataset's read in progress: timm's skip note is its reason
+
+
+class _SkipNote(logging.Filter):
+    """Takes timm's "Skipped sample" log note during a strict read: it becomes the error's reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(_SKIP, "active", False):
+            return True
+        _SKIP.reason = record.getMessage()
+        return False
+
+
+def _strict(ds: Any) -> Any:
+    """timm's image dataset skips an image it cannot open or decode, with a log note, and trains on the next
+    one; pixify stops instead, with the file and the reason (one line through :func:`read_batches`), as it
+    does when the folder is scanned up front. Other datasets are returned as they are."""
+    if type(ds) is not ImageDataset:
+        return ds
+    logger = logging.getLogger("timm.data.dataset")
+    if not any(isinstance(f, _SkipNote) for f in logger.filters):
+        logger.addFilter(_SkipNote())
+    ds.__class__ = _StrictImageDataset
+    return ds
+
+
+class _StrictImageDataset(ImageDataset):
+    """timm's ``ImageDataset``; an image that cannot be opened or decoded raises ``OSError`` naming it."""
+
+    def __getitem__(self, index: int) -> Any:
+        self._max_retries = 1
+        _SKIP.active, _SKIP.reason = True, None
+        try:
+            return super().__getitem__(index)
+        except RuntimeError:
+            if _SKIP.reason is None:
+                raise
+            reason = _SKIP.reason.split(". ", 1)[-1]  # "Skipped sample (index 3). cannot identify image ..."
+            try:
+                name = self.reader.filename(index)
+            except Exception:  # noqa: BLE001 - the name is a courtesy
+                name = f"image {index}"
+            raise OSError(f"cannot read {name}: {reason}") from None
+        finally:
+            _SKIP.active = False
 
 
 def _quiet_when_parent_leaves(previous, kind, exc, tb):

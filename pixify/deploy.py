@@ -2,13 +2,17 @@
 (``.pt2``), checked against the eager model before the file is kept.
 
 PiX is written into the graph as its export formulation (:func:`pixify.ops.pick_or_mix_export`: a reshape of
-the channel axis, reductions over one axis, the decision and coefficient on the small N×G tensor; no
-full-size transposes), so the exported graph needs nothing from pixify to run.
+the channel axis, reductions over one axis, the decision as two coefficients on the small N×G tensor and a
+multiply-add; no full-size transposes), so the exported graph needs nothing from pixify to run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +151,12 @@ def export(model: nn.Module | str | Path, path: str | Path, *, batch: int | str 
         raise PixifyError(f"--batch {trace_batch} of {tuple(shape)} inputs is more than pixify allocates "
                           f"({1 << 28:,} values)", "export with a dynamic batch, or a smaller fixed one")
     example = _example(model, recipe, trace_batch, input_size)
+    try:
+        with torch.no_grad():
+            model(example)  # an input the model cannot take fails here in one line, not inside the exporter
+    except Exception as exc:  # noqa: BLE001 - the model's own error, whatever its type
+        raise PixifyError(f"the model does not run on the example input {tuple(example.shape)}: "
+                          f"{type(exc).__name__}: {exc}", "pass --input-size C,H,W") from None
     if inputs is not None:
         if tuple(inputs.shape[1:]) != tuple(example.shape[1:]):
             raise PixifyError(f"inputs of shape {tuple(inputs.shape)} do not fit the model's input "
@@ -181,28 +191,33 @@ def _batch_axis(dynamic: bool) -> dict | None:
     return {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic else None
 
 
-def _to_onnx(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool, opset: int) -> int:
-    import warnings
-
-    dyn = _batch_axis(dynamic)
-    import logging
-
-    quiet = [logging.getLogger(n) for n in ("onnxscript", "torch.onnx")]  # their notes would break one-line output
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """The exporters' log notes and warnings held back (torch.export logs its error lines before it raises):
+    they would push pixify's one-line error, or a clean export's silence, past what the user asked for."""
+    quiet = [logging.getLogger(n) for n in ("onnxscript", "torch.onnx", "torch.export")]
     levels = [q.level for q in quiet]
     try:
         for q in quiet:
-            q.setLevel(logging.ERROR)
+            q.setLevel(logging.CRITICAL)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            yield
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def _to_onnx(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool, opset: int) -> int:
+    try:
+        with _quiet_exporters():
             prog = torch.onnx.export(_Wrapped(model), (example,), dynamo=True, opset_version=opset,
-                                     dynamic_shapes=dyn, input_names=["x"], output_names=["y"], verbose=False)
+                                     dynamic_shapes=_batch_axis(dynamic), input_names=["x"], output_names=["y"],
+                                     verbose=False)
             prog.save(str(out))
     except Exception as exc:  # noqa: BLE001 - the exporter's many failure types: one line for the user
         raise PixifyError(f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}",
                           "try .pt2 (torch.export), or --batch N") from None
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
     import onnx
 
     graph = onnx.load(str(out), load_external_data=False)
@@ -218,7 +233,8 @@ def _exported_program(model: nn.Module, example: torch.Tensor, dynamic: bool) ->
 
 def _to_pt2(model: nn.Module, example: torch.Tensor, out: Path, dynamic: bool) -> None:
     try:
-        program = _exported_program(model, example, dynamic)
+        with _quiet_exporters():
+            program = _exported_program(model, example, dynamic)
         with open(out, "wb") as f:  # a file object: torch would warn that the temporary name lacks .pt2
             torch.export.save(program, f)
     except Exception as exc:  # noqa: BLE001

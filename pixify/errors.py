@@ -7,6 +7,9 @@ propagate. Bugs stay ordinary exceptions.
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes a library put into its own message
 
 class PixifyError(Exception):
     """An error caused by the user's input, with a one-line message and an optional hint."""
@@ -14,7 +17,7 @@ class PixifyError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
-        self.message = message.strip().replace("\n", " ")
+        self.message = re.sub(r"\s*[\r\n]+\s*", " ", _ANSI.sub("", message)).strip()
         self.hint = hint
         super().__init__(self.one_line())
 

@@ -302,6 +302,11 @@ def example_input_for(model: nn.Module, batch_size: int = 1, input_size: tuple[i
             conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if isinstance(conv, nn.Conv2d) and len(input_size) == 3 and conv.in_channels != input_size[0]:
             input_size = (conv.in_channels, *input_size[1:])
+        from .validate import check_input_size
+
+        # a pretrained_cfg comes from the user's --model-arg or a checkpoint: an input size of 0 or of more
+        # values than pixify allocates is refused here, before any model sees it
+        input_size = check_input_size(input_size, "the model's pretrained_cfg input_size")
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32

@@ -253,6 +253,11 @@ def apply_sites(model: nn.Module, records: list[SiteRecord]) -> nn.Module:
                                  f"the layer gave {rec.c_out}")
             _set(model, rec.name, pix)
             for other in rec.removed:
+                try:
+                    model.get_submodule(other)  # a module, not a parameter, buffer or other attribute
+                except AttributeError:
+                    raise ValueError(f"site {rec.name}: '{other}' (to be removed) is not a module of this "
+                                     "model") from None
                 _set(model, other, nn.Identity())
         elif rec.action in ("hybrid", "prune"):
             if isinstance(layer, nn.Conv2d) and layer.groups != 1:

@@ -111,6 +111,21 @@ def _refuse(path: str) -> None:
                           "a checkpoint is loaded from its own tensors only")
 
 
+def _input_size(path: str, size: Any) -> None:
+    """A pretrained config's input size, which sizes the example inputs: positive, and no more values per
+    image than pixify allocates."""
+    if size is None:
+        return
+    if not isinstance(size, (list, tuple)) or not 1 <= len(size) <= 4:
+        _fail(path, "a list of sizes", size)
+    for j, v in enumerate(size):
+        _int(f"{path}[{j}]", v, 1, 1 << 16)
+    from .validate import MAX_INPUT_VALUES
+
+    if math.prod(size) > MAX_INPUT_VALUES:
+        _fail(path, f"at most {MAX_INPUT_VALUES:,} values per image", size)
+
+
 def _source(src: Any) -> None:
     if not isinstance(src, dict):
         _fail("source", "an object", src)
@@ -133,6 +148,8 @@ def _source(src: Any) -> None:
                 if entry not in _SAFE_CFG_KEYS:
                     _refuse(f"source.kwargs.{k}.{entry}")
         _json_data(f"source.kwargs.{k}", v)
+        if k in _CFG_KWARGS and isinstance(v, dict):
+            _input_size(f"source.kwargs.{k}.input_size", v.get("input_size"))
     _str("source.weights", src.get("weights", "random"), _WEIGHTS)
     _str("source.sha256", src.get("sha256"), _HEX64, optional=True)
     if str(src.get("weights", "")).startswith("file:") and src.get("sha256") is None:
@@ -143,6 +160,7 @@ def _source(src: Any) -> None:
         if not isinstance(cfg, dict):
             _fail("source.pretrained_cfg", "an object", cfg)
         _json_data("source.pretrained_cfg", cfg)
+        _input_size("source.pretrained_cfg.input_size", cfg.get("input_size"))
     _str("source.hub", src.get("hub"), _MODEL, optional=True)
     _str("source.key_map", src.get("key_map"), choices=("positional",), optional=True)
     _str("source.note", src.get("note"), optional=True, max_len=2000)

@@ -259,7 +259,18 @@ def map_keys(model: nn.Module, state: dict[str, torch.Tensor], key_map: str | No
 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], what: str, spec: str) -> None:
-    """``model.load_state_dict(state, strict=True)`` with a one-line error that summarises the mismatch."""
+    """``model.load_state_dict(state, strict=True)`` with a one-line error that summarises the mismatch.
+
+    Floating-point tensors of another precision are cast, as PyTorch does; integer or boolean tensors where the
+    model holds floating-point ones (or the other way round) are refused: PyTorch would cast them silently."""
+    own = model.state_dict()
+    for k, v in state.items():
+        mine = own.get(k)
+        if (isinstance(mine, torch.Tensor) and isinstance(v, torch.Tensor) and not k.endswith("num_batches_tracked")
+                and mine.is_floating_point() != v.is_floating_point()):
+            raise PixifyError(f"{what} do not fit {spec}: {k} is {str(v.dtype).replace('torch.', '')} in the "
+                              f"file, {str(mine.dtype).replace('torch.', '')} in the model",
+                              "save the weights in their own precision")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:

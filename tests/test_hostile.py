@@ -115,6 +115,12 @@ def world(tmp_path_factory):
     save_file({"w": torch.zeros(3)}, str(w["foreign"]))
     w["evil_pth"] = root / "evil.pth"
     w["evil_pth"].write_bytes(_evil_pickle())
+    w["imgs_bad"] = _write_images(root / "imgs_bad", classes=4, n=2)
+    (w["imgs_bad"] / "c1" / "text.png").write_text("not an image\n")
+    w["weights_int"] = root / "weights_int.safetensors"
+    tiny = pixify.create_model("resnet50", pretrained=False, kwargs=TINY_KWARGS)[0]
+    save_file({k: v.to(torch.int32) if v.is_floating_point() else v for k, v in tiny.state_dict().items()},
+              str(w["weights_int"]))
     for name, edit in TAMPERED.items():
         w["t_" + name] = _tamper(ckpt, root / f"t_{name}.safetensors", *edit)
     return w
@@ -207,6 +213,11 @@ TAMPERED = {
     "deep_object": ('{"a":' * 5000 + "1" + "}" * 5000,),
     "data_mean_inf": _set("data_config", {"mean": [1e309, 0, 0]}),
     "crop_tiny": _set("data_config", {"crop_pct": 1e-9}),
+    "removed_parameter": (lambda r: r["sites"][0].update(removed=[r["sites"][0]["name"] + ".weight"]),),
+    "int_5000_digits": ('{"format": "pixify", "format_version": 1' + "0" * 5000 + '}',),
+    "version_float": _set("format_version", 1.0),
+    "cfg_input_size_0": _set("source.pretrained_cfg", {"input_size": [3, 0, 0]}),
+    "cfg_input_size_huge": _set("source.pretrained_cfg", {"input_size": [3, 60000, 60000]}),
 }
 
 E = "error"  # CLI: exit 2 and one line starting with "error: "
@@ -341,6 +352,26 @@ CLI_CASES = [
     ("bench-batch", ["bench", "{ckpt}", "--batch-size", "x"], "batch"),
 ] + [(f"tampered-{name}", ["inspect", "{t_" + name + "}"], "") for name in TAMPERED] + [
     ("eval-tampered-std", ["eval", "{t_data_std}", "--data", "{imgs}"], "data_config.std"),
+    ("inspect-removed-parameter", ["inspect", "{t_removed_parameter}"], "is not a module"),
+    ("inspect-int-5000-digits", ["inspect", "{t_int_5000_digits}"], "not valid JSON"),
+    ("inspect-version-float", ["inspect", "{t_version_float}"], "format_version"),
+    ("bench-cfg-input-size-0", ["bench", "{t_cfg_input_size_0}", "--rounds", "1", "--no-train"], "input_size"),
+    ("export-cfg-input-size-huge", ["export", "{t_cfg_input_size_huge}", "-o", "{work}/m.pt2"], "input_size"),
+    ("bench-ckpt-wrong-channels", ["bench", "{ckpt}", "--input-size", "1,32,32", "-b", "1", "--rounds", "1",
+                                   "--no-train"], "does not run on the example input"),
+    ("export-onnx-wrong-channels", ["export", "{ckpt}", "-o", "{work}/m.onnx", "--input-size", "1,32,32"],
+     "does not run on the example input"),
+    ("export-onnx-wrong-rank", ["export", "{ckpt}", "-o", "{work}/m.onnx", "--input-size", "3,8,8,8"],
+     "does not run on the example input"),
+    ("convert-cfg-overlay-input-size-0", ["convert", *TINY[:-2], "--model-arg",
+                                          'pretrained_cfg_overlay={{"input_size":[3,0,0]}}'], "input_size"),
+    ("eval-undecodable-unchecked", ["eval", "{ckpt}", "--data", "{imgs_bad}", "--no-check-images", "--no-teacher",
+                                    "-j", "0", "-b", "2"], "cannot identify image"),
+    ("eval-undecodable-unchecked-workers", ["eval", "{ckpt}", "--data", "{imgs_bad}", "--no-check-images",
+                                            "--no-teacher", "-j", "2", "-b", "2"], "cannot identify image"),
+    ("convert-weights-int", ["convert", *TINY, "--weights", "{weights_int}"], "int32 in the file"),
+    ("inspect-empty-path", ["inspect", ""], ""),
+    ("inspect-data-progress-error", ["inspect", *TINY, "--data", "{flat}", "--calib-images", "1"], "at least 2"),
 ]
 
 
@@ -372,7 +403,7 @@ def test_cli_hostile_input(case, world, tmp_path, capsys, monkeypatch):
     dev_null = os.stat("/dev/null").st_mode
     rc = main(argv)
     out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
+    lines = err.splitlines()  # exactly one line: not even a blank one before it
     assert rc == 2, (rc, err)
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
@@ -436,6 +467,13 @@ def _api_cases():
         ("load-map-location-word", lambda w: pixify.load(w["ckpt"], map_location="banana"), PixifyError,
          "map_location"),
         ("load-missing", lambda w: pixify.load(w["root"] / "nope.safetensors"), CheckpointError, "not found"),
+        ("load-empty-path", lambda w: pixify.load(""), CheckpointError, "empty path"),
+        ("load-removed-parameter", lambda w: pixify.load(w["t_removed_parameter"]), CheckpointError,
+         "is not a module"),
+        ("load-missing-tensor-summary", lambda w: pixify.load(w["t_missing_tensor"]), CheckpointError,
+         "1 missing ("),
+        ("export-wrong-channels", lambda w: pixify.export(w["ckpt"], w["root"] / "x.onnx", input_size=(1, 32, 32)),
+         PixifyError, "does not run on the example input"),
         ("load-trunc", lambda w: pixify.load(w["trunc"]), CheckpointError, "safetensors"),
         ("load-kwarg-checkpoint", lambda w: pixify.load(w["t_kwarg_checkpoint"]), CheckpointError,
          "source.kwargs.checkpoint_path"),
@@ -545,13 +583,13 @@ def test_disk_full_and_read_only_are_one_line_and_leave_nothing(world, tmp_path,
         pytest.skip("cannot mount a tmpfs here")
     try:
         rc = main(["convert", *TINY, "-o", str(mnt / "m.safetensors")])
-        err = capsys.readouterr().err.strip().splitlines()
+        err = capsys.readouterr().err.splitlines()
         assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
         assert list(mnt.iterdir()) == []
         # the same file system read-only: root's permission bits do not help, the write itself fails
         assert subprocess.run(["mount", "-o", "remount,ro", str(mnt)]).returncode == 0
         rc = main(["convert", *TINY, "-o", str(mnt / "m.safetensors")])
-        err = capsys.readouterr().err.strip().splitlines()
+        err = capsys.readouterr().err.splitlines()
         assert rc == 2 and len(err) == 1 and "read-only file system" in err[0], err
         assert list(mnt.iterdir()) == []
     finally:
@@ -592,7 +630,7 @@ def test_interrupted_convert_leaves_nothing(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(st, "save_model", interrupt)
     rc = main(["convert", *TINY, "-o", str(tmp_path / "m.safetensors")])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capsys.readouterr().err.splitlines()
     assert rc == 130 and err == ["interrupted; nothing was written"]
     assert list(tmp_path.iterdir()) == []
 
@@ -606,7 +644,7 @@ def test_interrupted_finetune_before_its_first_checkpoint_leaves_nothing(world, 
     monkeypatch.setattr(tr, "distillation_loss", interrupt)
     rc = main(["finetune", str(world["ckpt"]), "--data", str(world["imgs"]), "-o", str(tmp_path / "run"),
                "--calib-images", "0", "-q"])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capsys.readouterr().err.splitlines()
     assert rc == 130 and err == ["interrupted: before the first checkpoint; nothing was kept"], err
     assert list(tmp_path.iterdir()) == []
 
@@ -627,7 +665,7 @@ def test_an_error_after_the_first_checkpoint_keeps_the_run(world, tmp_path, caps
     run = tmp_path / "run"
     rc = main(["finetune", str(world["ckpt"]), "--data", str(world["imgs"]), "-o", str(run), "--epochs", "2",
                "-b", "8", "--calib-images", "0", "-q", "--no-check-images"])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capsys.readouterr().err.splitlines()
     assert rc == 130 and len(err) == 1 and "continue with --resume" in err[0], err
     assert {"checkpoint.safetensors", "state.safetensors", "log.jsonl"} <= {p.name for p in run.iterdir()}
 
@@ -639,7 +677,7 @@ def test_one_run_per_output_folder(world, tmp_path, capsys):
     run.mkdir()
     with RunLock(run):
         rc = main(["finetune", str(world["ckpt"]), "--data", str(world["imgs"]), "-o", str(run), "-q"])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capsys.readouterr().err.splitlines()
     assert rc == 2 and len(err) == 1 and "another pixify run is writing to" in err[0], err
     assert list(run.iterdir()) == []
     # the lock of a killed process goes with it
@@ -793,7 +831,7 @@ def test_library_warnings_before_an_error_do_not_push_it_past_one_line(tmp_path,
     monkeypatch.setattr(conv, "convert_named", warn_then_fail)
     monkeypatch.chdir(tmp_path)
     assert main(["convert", *TINY]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: the real problem"]
+    assert capsys.readouterr().err.splitlines() == ["error: the real problem"]
 
     def warn_then_interrupt(*a, **k):
         warnings.warn("a torch warning\nover two lines", UserWarning)
@@ -801,7 +839,7 @@ def test_library_warnings_before_an_error_do_not_push_it_past_one_line(tmp_path,
 
     monkeypatch.setattr(conv, "convert_named", warn_then_interrupt)
     assert main(["convert", *TINY]) == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["interrupted; nothing was written"]
+    assert capsys.readouterr().err.splitlines() == ["interrupted; nothing was written"]
     assert list(tmp_path.iterdir()) == []
 
 
