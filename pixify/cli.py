@@ -7,6 +7,7 @@ Errors a user can cause print as one line on stderr and exit with code 2 (a trac
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -188,8 +189,22 @@ def _checkpoint_report(path: str):
         model=f"{path} ({r['source'].get('library')}:{r['source'].get('name')})", mode=r.get("mode", "?"),
         zeta=r.get("zeta"), tau=r.get("tau"), preset=r.get("preset"),
         sites=[SiteRecord.from_json(s) for s in r["sites"]], macs_before=r.get("macs_before", 0),
-        macs_after=r.get("macs_after", 0), params_after=count_params(model), input_shape=tuple(r.get("input_shape", ())),
+        macs_after=r.get("macs_after", 0), params_before=_original_params(r["source"]), params_after=count_params(model),
+        input_shape=tuple(r.get("input_shape", ())),
     )
+
+
+def _original_params(source: dict) -> int:
+    """The original's parameter count, from its architecture built on the meta device (0 when it cannot be)."""
+    from .metrics import count_params
+    from .sources import meta_architecture
+
+    try:
+        meta = meta_architecture(source.get("library"), source.get("name"), source.get("kwargs") or {},
+                                 source.get("pretrained_cfg"))
+    except PixifyError:
+        return 0
+    return count_params(meta) if meta is not None else 0
 
 
 _MODEL_HELP = "timm name (resnet50), torchvision:NAME, hf-hub:ORG/NAME (inspect also takes a pixify checkpoint)"
@@ -213,6 +228,29 @@ class _quiet_warnings:
     def __exit__(self, *exc):
         return self._cm.__exit__(*exc)
 
+
+
+def _finite(data: Any) -> Any:
+    """JSON data with NaN and infinities as null: strict parsers refuse bare NaN."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
+def _json_default(obj: Any) -> Any:
+    try:
+        value = float(obj)  # numpy and torch scalars
+    except (TypeError, ValueError):
+        return str(obj)
+    return value if math.isfinite(value) else None
+
+
+def _print_json(data: Any, indent: int | None = 2) -> None:
+    print(json.dumps(_finite(data), indent=indent, allow_nan=False, default=_json_default))
 
 class _progress:
     """A rich progress bar on stderr, called as ``bar(done, total)``; nothing when disabled."""
@@ -300,7 +338,7 @@ def convert(
     if as_json:
         data = report.to_json()
         data.update(output=str(out_path), total_seconds=round(elapsed, 3))
-        print(json.dumps(data, indent=2))
+        _print_json(data, indent=2)
         return
     _print_report(report, verbose)
     _console().print(f"wrote {out_path} in {elapsed:.2f} s")
@@ -342,7 +380,7 @@ def inspect(
     if Path(model).is_file() or model.endswith(".safetensors"):
         report = _checkpoint_report(model)
         if as_json:
-            print(json.dumps(report.to_json(), indent=2))
+            _print_json(report.to_json(), indent=2)
         else:
             _print_report(report, verbose=False)
         return
@@ -353,7 +391,7 @@ def inspect(
                                                                                           interpolation),
                                   dry_run=True, progress=bar)
     if as_json:
-        print(json.dumps(report.to_json(), indent=2))
+        _print_json(report.to_json(), indent=2)
         return
     _print_report(report, verbose=True)
     if report.mode == "prune":
@@ -374,9 +412,9 @@ def rules_cmd(
     for f in rules:
         found.extend(load_rules_file(f))
     if as_json:
-        print(json.dumps([{"name": r.name, "mode": r.mode, "preset": r.preset, "priority": r.priority,
+        _print_json([{"name": r.name, "mode": r.mode, "preset": r.preset, "priority": r.priority,
                            "pattern": list(r.pattern), "description": r.description, "source": r.source,
-                           "sha256": r.digest} for r in found], indent=2))
+                           "sha256": r.digest} for r in found], indent=2)
         return
     t = Table(title="pixify rules", title_justify="left")
     for col in ("name", "mode", "preset", "pattern", "priority", "description", "source"):
@@ -459,7 +497,7 @@ def bench(
         for r in results:
             r["malloc"] = malloc_state
         if as_json:
-            print(json.dumps(results, indent=2))
+            _print_json(results, indent=2)
             return
         t = Table(title=f"PiX op, 256×56×56, ζ={z}, {dtype}, {device}, {torch.get_num_threads()} threads, "
                   f"malloc {malloc_state}",
@@ -478,21 +516,27 @@ def bench(
     size = (_parse_input_size(input_size) or tuple((recipe.get("data_config") or {}).get("input_size") or ())
             or tuple(recipe.get("input_shape", [1, 3, 224, 224])[1:]))  # the remembered preprocessing first
     say = None if as_json else (lambda m: con.print(f"[dim]{m}...[/dim]"))
-    if runtime == "onnxruntime":
-        from .bench import bench_onnxruntime
+    try:
+        if runtime == "onnxruntime":
+            from .bench import bench_onnxruntime
 
-        timings = bench_onnxruntime(original, converted, size, sizes, threads, rounds, floor=floor, progress=say)
-    elif runtime == "torch.export":
-        from .bench import bench_torch_export
+            timings = bench_onnxruntime(original, converted, size, sizes, threads, rounds, floor=floor,
+                                        progress=say)
+        elif runtime == "torch.export":
+            from .bench import bench_torch_export
 
-        timings = bench_torch_export(original, converted, size, sizes, rounds, floor=floor, progress=say)
-    else:
-        timings = bench_models(original, converted, size, sizes, device, dtypes[dtype], compile, train, rounds,
-                               channels_last=channels_last, floor=floor, compile_mode=compile_mode, progress=say)
+            timings = bench_torch_export(original, converted, size, sizes, rounds, floor=floor, progress=say)
+        else:
+            timings = bench_models(original, converted, size, sizes, device, dtypes[dtype], compile, train, rounds,
+                                   channels_last=channels_last, floor=floor, compile_mode=compile_mode, progress=say)
+    except (RuntimeError, ValueError) as exc:  # e.g. a training step whose batch norm sees one value per channel
+        raise PixifyError(f"the models do not run at batch sizes {','.join(map(str, sizes))} and input "
+                          f"{tuple(size)}: {type(exc).__name__}: {exc}",
+                          "try a larger --batch-size or --input-size, or --no-train") from None
     rep = BenchReport(label, zeta, device, torch.get_num_threads(), compile, report_macs, report_params, timings,
                       malloc=malloc_state, compile_mode=compile_mode)
     if as_json:
-        print(json.dumps(rep.to_json(), indent=2))
+        _print_json(rep.to_json(), indent=2)
         return
     t = Table(title=f"{label}: converted vs original, {device} {dtype}, {rep.threads} threads"
               + (f", torch.compile {compile_mode or ''}".rstrip() if compile else "") + f", malloc {malloc_state}",
@@ -636,9 +680,9 @@ def finetune(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if as_json:
-        print(json.dumps({"checkpoint": str(result.checkpoint), "out": str(result.out), "epochs": result.epochs,
+        _print_json({"checkpoint": str(result.checkpoint), "out": str(result.out), "epochs": result.epochs,
                           "steps": result.steps, "seconds": round(result.seconds, 2), "init": result.init,
-                          "history": result.history}, indent=2, default=float))
+                          "history": result.history}, indent=2)
         return
     con = _console()
     t = Table(title=f"fine-tuned {checkpoint} → {result.checkpoint}", title_justify="left")
@@ -690,7 +734,7 @@ def eval_cmd(
     res = evaluate(student, data, teacher=False if no_teacher else teacher, batch_size=batch_size, workers=workers,
                    device=device, data_config=dcfg, check_images=check_images, progress=not as_json)
     if as_json:
-        print(json.dumps(dict(res, checkpoint=str(checkpoint), data=str(data)), indent=2))
+        _print_json(dict(res, checkpoint=str(checkpoint), data=str(data)), indent=2)
         return
     t = Table(title=f"{checkpoint} on {data} ({res['images']} images)", title_justify="left")
     t.add_column("metric")
@@ -720,7 +764,7 @@ def export_cmd(
         raise PixifyError(f"checkpoint not found: {checkpoint}")
     rep = export(checkpoint, output, batch=batch, opset=opset, check=check, input_size=_parse_input_size(input_size))
     if as_json:
-        print(json.dumps(rep.to_json(), indent=2))
+        _print_json(rep.to_json(), indent=2)
         return
     con = _console()
     what = f"{rep.format}" + (f", opset {rep.opset}, {rep.nodes} nodes" if rep.opset else "")

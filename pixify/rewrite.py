@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -108,8 +110,11 @@ def parse_zeta(value: Any) -> int | str:
             number = float(text)
         except ValueError:
             raise ValueError(f"zeta must be 'auto' or an integer >= 1, got '{value}'") from None
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"zeta must be 'auto' or an integer >= 1, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
+        try:
+            number = float(operator.index(value))  # numpy and 0-d torch integers
+        except TypeError:
+            raise ValueError(f"zeta must be 'auto' or an integer >= 1, got {value!r}") from None
     else:
         number = float(value)
     if not math.isfinite(number) or number != int(number) or number < 1:

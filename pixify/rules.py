@@ -225,7 +225,11 @@ def check_rule(rule: Rule) -> Rule:
         if value is None:
             continue
         data[key] = list(value) if isinstance(value, tuple) else value
-    checked = _validate(data, rule.source if isinstance(rule.source, str) else "<api>", lambda key: None)
+    if not isinstance(rule.source, str) or len(rule.source) > 4096:
+        raise RuleError("<api>", None, f"source must be a string (where the rule comes from), got {rule.source!r:.60}")
+    if rule.digest and not (isinstance(rule.digest, str) and re.fullmatch(r"[0-9a-f]{1,64}", rule.digest)):
+        raise RuleError("<api>", None, f"digest must be a hex string or empty, got {rule.digest!r:.60}")
+    checked = _validate(data, rule.source, lambda key: None)
     return rule if rule.digest else checked
 
 

@@ -7,6 +7,7 @@ for special files such as /dev/null, that they are still what they were)."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import socket
@@ -849,3 +850,135 @@ def test_descriptive_pretrained_cfg_entries_still_load(world, tmp_path):
                  *_set("source.kwargs.pretrained_cfg_overlay", {"input_size": [3, 32, 32], "mean": [0.5] * 3}))
     model = pixify.load(ok)
     assert model.pixify_recipe["source"]["kwargs"]["pretrained_cfg_overlay"]["input_size"] == [3, 32, 32]
+
+
+# ------------------------------------------------------------------------------------------------ resuming
+
+def _state_edit(key, value):
+    def edit(meta):
+        meta[key] = value
+    return edit
+
+
+def _optim_tensor(fn):
+    def tensors(state):
+        k = next(k for k in state if k.startswith("optim/") and state[k].dim())
+        state[k] = fn(state[k])
+    return tensors
+
+
+def _rewrite_state(path: Path, edit=None, tensors=None, raw: str | None = None) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    payload = json.loads(meta["pixify_train_state"])
+    if edit is not None:
+        edit(payload)
+    meta["pixify_train_state"] = raw if raw is not None else json.dumps(payload)
+    if tensors is not None:
+        tensors(state)
+    save_file(state, str(path), metadata=meta)
+
+
+DAMAGED_RUNS = {
+    "state-not-json": dict(raw="{not json"),
+    "state-a-list": dict(raw="[1, 2]"),
+    "state-version-str": dict(edit=_state_edit("version", "2")),
+    "state-config-str": dict(edit=_state_edit("config", "x")),
+    "state-config-bad-batch": dict(edit=lambda m: m["config"].update(batch_size=-5)),
+    "state-epoch-str": dict(edit=_state_edit("epoch", "x")),
+    "state-no-optimizer": dict(edit=lambda m: m.pop("optimizer")),
+    "state-param-group-lr": dict(edit=lambda m: m["optimizer"]["param_groups"][0].update(lr="x")),
+    "state-history-str": dict(edit=_state_edit("history", "abc")),
+    "state-init-list": dict(edit=_state_edit("init", [1, 2])),
+    "state-optim-tensor-missing": dict(tensors=lambda s: s.pop(next(k for k in s if k.startswith("optim/")))),
+    "state-optim-tensor-shape": dict(tensors=_optim_tensor(lambda t: t.flatten()[:3].clone())),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(world, tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["finetune", str(world["ckpt"]), "--data", str(world["imgs"]), "-o", str(run), "--steps", "2",
+                 "-b", "8", "--calib-images", "0", "-q", "-j", "0"]) == 0
+    return run
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_RUNS) + ["log-int-line", "log-step-str", "log-bytes",
+                                                         "log-a-folder", "no-state-but-checkpoint"])
+def test_resuming_a_damaged_run_is_one_line(damage, world, finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    log = run / "log.jsonl"
+    if damage in DAMAGED_RUNS:
+        _rewrite_state(run / "state.safetensors", **DAMAGED_RUNS[damage])
+    elif damage == "log-int-line":
+        log.write_text(log.read_text() + "5\n")
+    elif damage == "log-step-str":
+        log.write_text(log.read_text() + '{"event": "train", "step": "x"}\n')
+    elif damage == "log-bytes":
+        log.write_bytes(log.read_bytes() + b"\xff\xfe\n")
+    elif damage == "log-a-folder":
+        log.unlink()
+        log.mkdir()
+    else:
+        (run / "state.safetensors").unlink()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    rc = main(["finetune", str(world["ckpt"]), "--data", str(world["imgs"]), "-o", str(run), "--resume", "-q",
+               "-j", "0", "-b", "4"])
+    err = capsys.readouterr().err.splitlines()
+    if damage.startswith("log-") and damage != "log-a-folder":
+        assert rc == 0, err  # lines pixify did not write are dropped from the log; the run is already complete
+        return
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback" not in err[0] and "ignoring" not in err[0]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_bench_that_cannot_run_a_training_step_is_one_line(world, capsys):
+    rc = main(["bench", str(world["ckpt"]), "-b", "1", "--input-size", "3,32,32", "--rounds", "1", "--json"])
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 2 and len(err) == 1 and "--no-train" in err[0], err
+
+
+def test_json_output_is_strict_json(world, capsys):
+    assert main(["inspect", str(world["ckpt"]), "--json"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in --json output")
+
+    data = json.loads(out, parse_constant=refuse)
+    assert data["params_before"] > 0 and 0 < data["params_ratio"] <= 1.5
+
+
+def test_numpy_numbers_are_numbers(world, tmp_path):
+    import numpy as np
+
+    x = torch.randn(1, 3, 16, 16)
+    model, report = pixify.convert(_Net(), zeta=np.int64(2), example_input=x)
+    assert report.zeta == 2
+    cfg = pixify.FinetuneConfig(steps=np.int64(3), lr=np.float32(1e-3)).validate()
+    assert type(cfg.steps) is int and cfg.steps == 3 and type(cfg.lr) is float
+
+
+def test_a_rule_from_python_is_checked_even_with_a_digest():
+    from pixify.errors import RuleError
+    from pixify.rules import Rule
+
+    with pytest.raises(RuleError, match="source must be a string"):
+        pixify.register_rule(Rule(name="hostile-src", description="", source=5, digest="abc", kernel_size=1))
+    with pytest.raises(RuleError, match="digest"):
+        pixify.register_rule(Rule(name="hostile-digest", description="", source="x", digest=5, kernel_size=1))
+
+
+def test_a_teacher_of_other_classes_is_refused_before_training(world, tmp_path):
+    import timm
+
+    with pytest.raises(PixifyError, match="teacher predicts 7 classes"):
+        pixify.finetune(world["ckpt"], world["imgs"], out=tmp_path / "run", steps=1,
+                        teacher=timm.create_model("resnet18", num_classes=7))
+    assert not (tmp_path / "run").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,15 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "check_images": (bool,),
 }
 _OPTIONAL = ("steps", "lr", "amp", "channels_last")
+
+
+def _plain_number(v: Any, kinds: tuple[type, ...]) -> int | float | None:
+    """``v`` (a numpy or other registered number) as the Python int or float the option takes, or None."""
+    if int in kinds and isinstance(v, numbers.Integral):
+        return int(v)
+    if float in kinds and isinstance(v, numbers.Real):
+        return float(v)
+    return None
 
 
 @dataclass
@@ -57,7 +67,7 @@ class FinetuneConfig:
     log_every: int = 20  #: steps between log lines
     check_images: bool = True  #: decode every image once before training
 
-    def validate(self) -> "FinetuneConfig":
+    def validate(self) -> "FinetuneConfig":  # noqa: C901 - one check per option
         def bad(msg: str, hint: str | None = None):
             raise PixifyError(msg, hint)
 
@@ -65,6 +75,10 @@ class FinetuneConfig:
             v, kinds = getattr(self, f.name), _KINDS.get(f.name)
             if kinds is None or (v is None and f.name in _OPTIONAL):
                 continue
+            if not isinstance(v, bool) and not isinstance(v, kinds) and isinstance(v, numbers.Number):
+                v = _plain_number(v, kinds)  # numpy and 0-d torch numbers become Python ones
+                if v is not None:
+                    setattr(self, f.name, v)
             if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
                 bad(f"fine-tuning option {f.name} must be {' or '.join(k.__name__ for k in kinds)}, got {v!r}")
         if not 0 <= self.seed < 2 ** 63:

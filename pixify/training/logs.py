@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_write
+from ..errors import PixifyError
 from .distributed import _rank
 
 __all__ = ["plot_log"]
@@ -60,15 +61,18 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint being resumed (they belong to the lost part of the run)."""
     if not path.exists():
         return
+    if not path.is_file():
+        raise PixifyError(f"{path} is not a file", "move it away to resume the run")
     keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
-        if rec.get("event") == "train" and rec.get("step", 0) > step:
-            continue
-        if rec.get("event") == "epoch" and rec.get("step", 0) > step:
+        if not isinstance(rec, dict):
+            continue  # not a line pixify wrote
+        at = rec.get("step", 0)
+        if rec.get("event") in ("train", "epoch") and (not isinstance(at, (int, float)) or at > step):
             continue
         keep.append(line)
     keep.append(json.dumps({"time": round(time.time(), 3), "event": "resume", "step": step}))

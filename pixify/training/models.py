@@ -65,7 +65,12 @@ def load_teacher(recipe: dict[str, Any], teacher: nn.Module | str | Path | None 
     from ..sources import Source, load_state_dict_checked, load_weights_file, map_keys, rebuild
 
     if isinstance(teacher, nn.Module):
+        from ..conversion import check_eager_model
+
+        check_eager_model(teacher)
         return teacher.eval()
+    if teacher is not None and not isinstance(teacher, (str, Path)):
+        raise PixifyError(f"teacher must be a model or the path of its weights file, got {type(teacher).__name__}")
     source = Source.from_json(recipe["source"])
     if source.library == "custom":
         raise PixifyError(f"the teacher ({source.name}) is a user module that cannot be rebuilt from the recipe",
@@ -77,6 +82,14 @@ def load_teacher(recipe: dict[str, Any], teacher: nn.Module | str | Path | None 
         load_state_dict_checked(model, state, f"teacher weights {teacher}", source.spec)
         return model.eval()
     return rebuild(source, with_weights=True, near=near).eval()
+
+
+def check_teacher(teacher: nn.Module, student: nn.Module) -> None:
+    """The teacher predicts as many classes as the student (distillation compares their outputs)."""
+    n_teacher, n_student = _num_outputs(_unwrap(teacher)), _num_outputs(_unwrap(student))
+    if n_teacher is not None and n_student is not None and n_teacher != n_student:
+        raise PixifyError(f"the teacher predicts {n_teacher} classes, the converted model {n_student}",
+                          "pass the original model the checkpoint was converted from")
 
 
 def _check_classes(source, model: nn.Module) -> None:

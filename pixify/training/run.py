@@ -23,7 +23,7 @@ from .evaluation import evaluate
 from .folder import _RunFolder
 from .init import _initialise
 from .logs import _append_log, _Progress, _truncate_log, plot_log
-from .models import _batch_input, _check_classes, _load_student, _near, load_teacher
+from .models import _batch_input, _check_classes, _load_student, _near, check_teacher, load_teacher
 from .schedule import make_scheduler
 from .state import CHECKPOINT_NAME, LOG_NAME, PLOT_NAME, STATE_NAME, _optimizer_from_files, _read_state, _write_state
 from . import loss as _loss
@@ -76,6 +76,7 @@ class _Run:
     train_model: nn.Module | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     init_info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # said once the run has checked what it resumes
     start_epoch: int = 0
     step: int = 0
     last_good: Path | None = None
@@ -101,19 +102,27 @@ def _plan(model, data, teacher, out, val_data, resume, cfg: FinetuneConfig, expl
     state_tensors: dict[str, torch.Tensor] = {}
     state_meta: dict[str, Any] = {}
     fresh_log = False
+    notes: list[str] = []  # said once everything is checked, so that an error stays the only line
     if resume and not (out / STATE_NAME).is_file():
+        if (out / CHECKPOINT_NAME).exists():
+            raise PixifyError(f"{out} holds a checkpoint but no training state ({STATE_NAME}), so the run "
+                              "cannot continue where it stopped", "fine-tune its checkpoint into a new --out")
         if not (out / LOG_NAME).is_file():
             raise PixifyError(f"nothing to resume in {out} (no {STATE_NAME})",
                               "start without --resume, or point --out at the interrupted run")
         resume, fresh_log = False, True  # interrupted before its first checkpoint: start it again
-        _say(f"{out} has no checkpoint yet; starting the run from the beginning")
+        notes.append(f"{out} has no checkpoint yet; starting the run from the beginning")
     if resume:
         state_tensors, state_meta = _read_state(out / STATE_NAME)
-        saved = FinetuneConfig.from_json(state_meta["config"])
+        try:
+            saved = FinetuneConfig.from_json(state_meta["config"]).validate()
+        except (PixifyError, TypeError, ValueError) as exc:
+            raise PixifyError(f"the training state in {out} holds settings pixify cannot use ({exc})",
+                              "the run cannot be resumed; fine-tune its checkpoint into a new --out") from None
         differ = [k for k, v in explicit.items() if getattr(saved, k) != v and k not in ("workers", "check_images",
                                                                                           "log_every")]
         if differ:
-            _say(f"resuming with the interrupted run's settings; ignoring {', '.join(sorted(differ))}")
+            notes.append(f"resuming with the interrupted run's settings; ignoring {', '.join(sorted(differ))}")
         cfg = FinetuneConfig.from_json({**saved.to_json(), **{k: explicit[k] for k in ("workers", "check_images")
                                                                if k in explicit}}).validate()
     elif (out / STATE_NAME).exists() or (out / CHECKPOINT_NAME).exists():
@@ -132,9 +141,12 @@ def _plan(model, data, teacher, out, val_data, resume, cfg: FinetuneConfig, expl
             val_data, split="val", check_images=check, workers=max(2, cfg.workers), what="--val-data")
     _check_classes(source, student)
     tmodel = load_teacher(recipe, teacher, _near(model))
-    return _Run(cfg, student, recipe, model_name, out, resume, fresh_log, source, val_source, tmodel, teacher,
+    check_teacher(tmodel, student)
+    run = _Run(cfg, student, recipe, model_name, out, resume, fresh_log, source, val_source, tmodel, teacher,
                 user_data_config(student, data_config) if data_config is not None else resolve_data_config(student),
                 progress, state_tensors, state_meta)
+    run.notes = notes
+    return run
 
 
 def _setup(run: _Run, device: str | None) -> None:
@@ -189,9 +201,14 @@ def _restore(run: _Run) -> None:
     except RuntimeError as exc:
         raise PixifyError(f"the training state in {run.out} does not fit this model "
                           f"({str(exc).splitlines()[0]})", "resume with the same checkpoint") from None
-    _optimizer_from_files(run.opt, run.state_tensors, meta["optimizer"], run.dev)
-    if meta.get("scaler"):
-        run.scaler.load_state_dict(meta["scaler"])
+    try:
+        _optimizer_from_files(run.opt, run.state_tensors, meta["optimizer"], run.dev)
+        if meta.get("scaler"):
+            run.scaler.load_state_dict(meta["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise PixifyError(f"the optimizer state in {run.out} does not fit this run ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
+                          "the run cannot be resumed; fine-tune its checkpoint into a new --out") from None
     run.start_epoch, run.step = int(meta["epoch"]), int(meta["step"])
     run.history = list(meta.get("history", []))
     run.init_info = dict(meta.get("init", {}))
@@ -399,7 +416,12 @@ def finetune(model: nn.Module | str | Path, data: Any, *, teacher: nn.Module | s
         if run.rank == 0 and run.fresh_log and run.path(LOG_NAME).exists():
             run.path(LOG_NAME).unlink()
         _place(run)
-        _restore(run) if run.resume else _start(run)
+        if run.resume:
+            _restore(run)
+        for note in run.notes:
+            _say(note)
+        if not run.resume:
+            _start(run)
         run.scheduler = make_scheduler(run.opt, run.cfg, run.total_steps, start=run.step)
         if run.start_epoch >= run.n_epochs:
             _say(f"the run in {run.out} is already complete ({run.step} steps)")
