@@ -56,9 +56,12 @@ _CHOICES = {"compiled_pix": ("decompose", "op"), "triton_channels_inner": ("loop
 
 def _env_bool(name: str, default: bool) -> bool:
     value = os.environ.get(name)
-    if value is None or value.strip() == "":
-        return default
-    return value.strip().lower() not in ("0", "false", "no", "off")
+    text = (value or "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    return default  # unset, empty or a word that is neither: the default, not whatever it resembles
 
 
 def _env_choice(name: str, key: str, default: str) -> str:

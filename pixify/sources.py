@@ -184,6 +184,8 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a ``.pth``/``.pt``/``.bin`` file read with ``weights_only=True``."""
     p = Path(path)
     if not p.is_file():
+        if p.is_dir():
+            raise PixifyError(f"{path} is a folder, not a weights file", "name a .safetensors or .pth file")
         raise PixifyError(f"weights file not found: {path}")
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError

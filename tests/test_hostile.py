@@ -372,6 +372,8 @@ CLI_CASES = [
                                             "--no-teacher", "-j", "2", "-b", "2"], "cannot identify image"),
     ("convert-weights-int", ["convert", *TINY, "--weights", "{weights_int}"], "int32 in the file"),
     ("inspect-empty-path", ["inspect", ""], ""),
+    ("ft-teacher-a-folder", ["finetune", "{ckpt}", "--data", "{imgs}", "--teacher", "{imgs}", "-o", "{work}/run"],
+     "is a folder"),
     ("inspect-data-progress-error", ["inspect", *TINY, "--data", "{flat}", "--calib-images", "1"], "at least 2"),
 ]
 
@@ -908,7 +910,8 @@ def finished_run(world, tmp_path_factory):
 
 
 @pytest.mark.parametrize("damage", list(DAMAGED_RUNS) + ["log-int-line", "log-step-str", "log-bytes",
-                                                         "log-a-folder", "no-state-but-checkpoint"])
+                                                         "log-a-folder", "no-state-but-checkpoint",
+                                                         "state-a-symlink"])
 def test_resuming_a_damaged_run_is_one_line(damage, world, finished_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
@@ -924,6 +927,9 @@ def test_resuming_a_damaged_run_is_one_line(damage, world, finished_run, tmp_pat
     elif damage == "log-a-folder":
         log.unlink()
         log.mkdir()
+    elif damage == "state-a-symlink":
+        (run / "state.safetensors").rename(tmp_path / "elsewhere.safetensors")
+        (run / "state.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
     else:
         (run / "state.safetensors").unlink()
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
@@ -982,3 +988,12 @@ def test_a_teacher_of_other_classes_is_refused_before_training(world, tmp_path):
         pixify.finetune(world["ckpt"], world["imgs"], out=tmp_path / "run", steps=1,
                         teacher=timm.create_model("resnet18", num_classes=7))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_switch_set_to_a_word_that_is_neither_keeps_its_default(monkeypatch):
+    from pixify.config import _env_bool
+
+    monkeypatch.setenv("PIXIFY_DEBUG", "maybe")
+    assert _env_bool("PIXIFY_DEBUG", False) is False and _env_bool("PIXIFY_DEBUG", True) is True
+    monkeypatch.setenv("PIXIFY_DEBUG", " On ")
+    assert _env_bool("PIXIFY_DEBUG", False) is True

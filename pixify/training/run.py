@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import PixifyError
 from ..metrics import _logits
-from ..outputs import check_output_dir
+from ..outputs import check_output_dir, check_output_file
 from .config import FinetuneConfig, FinetuneResult, resolve_config
 from .distributed import _epoch_seed, _rank, _seed_all, _setup_distributed, _world, destroy_distributed
 from .evaluation import evaluate
@@ -113,6 +113,9 @@ def _plan(model, data, teacher, out, val_data, resume, cfg: FinetuneConfig, expl
         resume, fresh_log = False, True  # interrupted before its first checkpoint: start it again
         notes.append(f"{out} has no checkpoint yet; starting the run from the beginning")
     if resume:
+        for name in (CHECKPOINT_NAME, STATE_NAME, LOG_NAME, PLOT_NAME):  # the run replaces them as it goes:
+            if (out / name).exists() or (out / name).is_symlink():  # refused now, not after an epoch
+                check_output_file(out / name, "--out", "move it away, or fine-tune into a new --out")
         state_tensors, state_meta = _read_state(out / STATE_NAME)
         try:
             saved = FinetuneConfig.from_json(state_meta["config"]).validate()
