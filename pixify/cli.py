@@ -229,7 +229,6 @@ class _quiet_warnings:
         return self._cm.__exit__(*exc)
 
 
-
 def _finite(data: Any) -> Any:
     """JSON data with NaN and infinities as null: strict parsers refuse bare NaN."""
     if isinstance(data, float):
@@ -251,6 +250,7 @@ def _json_default(obj: Any) -> Any:
 
 def _print_json(data: Any, indent: int | None = 2) -> None:
     print(json.dumps(_finite(data), indent=indent, allow_nan=False, default=_json_default))
+
 
 class _progress:
     """A rich progress bar on stderr, called as ``bar(done, total)``; nothing when disabled."""
@@ -413,8 +413,8 @@ def rules_cmd(
         found.extend(load_rules_file(f))
     if as_json:
         _print_json([{"name": r.name, "mode": r.mode, "preset": r.preset, "priority": r.priority,
-                           "pattern": list(r.pattern), "description": r.description, "source": r.source,
-                           "sha256": r.digest} for r in found], indent=2)
+                      "pattern": list(r.pattern), "description": r.description, "source": r.source,
+                      "sha256": r.digest} for r in found], indent=2)
         return
     t = Table(title="pixify rules", title_justify="left")
     for col in ("name", "mode", "preset", "pattern", "priority", "description", "source"):
@@ -681,8 +681,8 @@ def finetune(
         return
     if as_json:
         _print_json({"checkpoint": str(result.checkpoint), "out": str(result.out), "epochs": result.epochs,
-                          "steps": result.steps, "seconds": round(result.seconds, 2), "init": result.init,
-                          "history": result.history}, indent=2)
+                     "steps": result.steps, "seconds": round(result.seconds, 2), "init": result.init,
+                     "history": result.history}, indent=2)
         return
     con = _console()
     t = Table(title=f"fine-tuned {checkpoint} → {result.checkpoint}", title_justify="left")

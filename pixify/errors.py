@@ -11,6 +11,7 @@ import re
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes a library put into its own message
 
+
 class PixifyError(Exception):
     """An error caused by the user's input, with a one-line message and an optional hint."""
 
