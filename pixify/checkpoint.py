@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError, PixifyError, PixifyWarning
+from .errors import CheckpointError, PixifyError, PixifyWarning, short_reason
 from .outputs import atomic_write, check_output_file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save", "load", "read_recipe", "atomic_write", "check_output_file"]
@@ -233,8 +233,7 @@ def load(path: str | Path, model: nn.Module | None = None, map_location: str | t
     try:
         _load_weights(model, path, str(dev))
     except (OSError, ValueError) as exc:  # the file changed or vanished since its recipe was read
-        raise CheckpointError(f"{path}: cannot read its weights ({type(exc).__name__}: "
-                              f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})",
+        raise CheckpointError(f"{path}: cannot read its weights ({short_reason(exc, 200)})",
                               "the file changed while it was read; try again") from None
     except RuntimeError:
         raise CheckpointError(f"{path}: the weights do not fit the rebuilt model ({_mismatch(model, path)})",

@@ -576,6 +576,7 @@ def _bench_models(model: str, zeta: str, input_size):
     from .metrics import count_macs, count_params
     from .ops import PiX
     from .sources import Source, create_model, rebuild
+    from .validate import run_on_example
 
     if Path(model).is_file() or model.endswith(".safetensors"):
         converted = load(model)
@@ -596,11 +597,7 @@ def _bench_models(model: str, zeta: str, input_size):
                 if isinstance(m, PiX):
                     m.weight.copy_(torch.randn(m.weight.shape, generator=g))
     ex = example_input_for(original, input_size=input_size)
-    try:
-        macs = {"original": count_macs(original, ex), "converted": count_macs(converted, ex)}
-    except Exception as exc:
-        raise PixifyError(f"the model does not run on the example input {tuple(ex.shape)}: "
-                          f"{type(exc).__name__}: {exc}", "pass --input-size C,H,W") from None
+    macs = run_on_example(lambda x: {"original": count_macs(original, x), "converted": count_macs(converted, x)}, ex)
     params = {"original": count_params(original), "converted": count_params(converted)}
     return original.eval(), converted.eval(), macs, params, label
 

@@ -17,13 +17,14 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import PixifyError
+from .errors import PixifyError, short_reason
 from .graph import Analysis, NearMiss, Untraced, analyse, example_input_for
 from .metrics import _call, _logits, count_macs, count_params, output_agreement
 from .ops import eager_kernels
 from .rewrite import SiteRecord, apply_sites, parse_zeta, plan_sites
 from .rules import Rule, active_rules, check_rule
 from .sources import Source
+from .validate import run_on_example
 
 __all__ = ["ConversionReport", "convert", "convert_named", "inspect", "recalibrate_batchnorm"]
 
@@ -309,12 +310,8 @@ def _convert(model: nn.Module, zeta: int | str, tau: float, preset: str | None, 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        try:
-            macs_before, ref_out = count_macs(model, example, return_output=True)
-        except Exception as exc:
-            raise PixifyError(f"the model does not run on the example input "
-                              f"{tuple(getattr(example, 'shape', ()))}: {type(exc).__name__}: {exc}",
-                              "pass example_input= (Python) or --input-size (CLI)") from None
+        macs_before, ref_out = run_on_example(lambda ex: count_macs(model, ex, return_output=True), example,
+                                              "pass example_input= (Python) or --input-size (CLI)")
     params_before = count_params(model)
     analysis = analyse(model, rule_list, example)
     report = _report_base(model, source, mode, zeta, tau, preset, rule_list, analysis, example)
@@ -500,7 +497,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # e.g. the wrong channels
                     shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
                     raise PixifyError(f"a calibration batch of {shape} does not run through the model: "
-                                      f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}",
+                                      f"{short_reason(exc, 200)}",
                                       "give batches of the model's input; its statistics were left as they were") from None
         ok = True
     finally:

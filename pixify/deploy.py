@@ -23,6 +23,7 @@ from torch import nn
 from .errors import PixifyError
 from .metrics import _logits
 from .ops import export_mode
+from .validate import run_on_example
 from .outputs import atomic_write, check_output_file
 
 __all__ = ["export", "ExportReport", "FORMATS"]
@@ -151,12 +152,8 @@ def export(model: nn.Module | str | Path, path: str | Path, *, batch: int | str 
         raise PixifyError(f"--batch {trace_batch} of {tuple(shape)} inputs is more than pixify allocates "
                           f"({1 << 28:,} values)", "export with a dynamic batch, or a smaller fixed one")
     example = _example(model, recipe, trace_batch, input_size)
-    try:
-        with torch.no_grad():
-            model(example)  # an input the model cannot take fails here in one line, not inside the exporter
-    except Exception as exc:  # noqa: BLE001 - the model's own error, whatever its type
-        raise PixifyError(f"the model does not run on the example input {tuple(example.shape)}: "
-                          f"{type(exc).__name__}: {exc}", "pass --input-size C,H,W") from None
+    with torch.no_grad():  # an input the model cannot take fails here in one line, not inside the exporter
+        run_on_example(model, example)
     if inputs is not None:
         if tuple(inputs.shape[1:]) != tuple(example.shape[1:]):
             raise PixifyError(f"inputs of shape {tuple(inputs.shape)} do not fit the model's input "

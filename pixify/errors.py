@@ -12,6 +12,14 @@ import re
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colour codes a library put into its own message
 
 
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """``TypeName: first line of the message`` (cut to ``limit`` characters), or the type name alone: how a
+    library's or torch's exception is quoted inside a one-line error."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class PixifyError(Exception):
     """An error caused by the user's input, with a one-line message and an optional hint."""
 

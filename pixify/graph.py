@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .errors import short_reason
 from .metrics import _call
 from .rules import Rule
 
@@ -274,12 +275,6 @@ class _Holder(nn.Module):
 
     def forward(self, x: Any) -> Any:
         return self.m(x)
-
-
-def _short_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = text if len(text) <= 160 else text[:157] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------------------ example input
@@ -527,7 +522,7 @@ class _Record:
             with torch.no_grad():
                 _call(model, example)
         except Exception as exc:  # pragma: no cover - the caller ran the model successfully before
-            self.error = _short_reason(exc)
+            self.error = short_reason(exc)
         finally:
             for h in handles:
                 h.remove()
@@ -682,7 +677,7 @@ def _analyse_module(ctx: _Ctx, module: nn.Module, prefix: str, example: Example 
         with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before raising
             ShapeProp(gm).propagate(*args)
     except Exception as exc:  # the tracer's reason goes into the report
-        reason = _short_reason(exc)
+        reason = short_reason(exc)
         if holder or not any(_holds_anchor(c) for c in module.children()) or depth > 12:
             ctx.out.untraced.append(Untraced(prefix, reason))
             return

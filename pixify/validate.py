@@ -4,7 +4,7 @@ data-loading processes."""
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -50,6 +50,16 @@ def check_input_size(dims: Sequence[int] | None, what: str = "--input-size") -> 
         raise PixifyError(f"{what} {','.join(map(str, dims))} is {total:,} values per image, more than pixify "
                           f"allocates ({MAX_INPUT_VALUES:,})", "use the model's input size, e.g. 3,224,224")
     return dims
+
+
+def run_on_example(fn: Callable[[Any], Any], example: Any, hint: str = "pass --input-size C,H,W") -> Any:
+    """``fn(example)`` (the model's forward, or a measurement that runs it); whatever the model raises on an
+    input it cannot take is one line naming the input's shape."""
+    try:
+        return fn(example)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, whatever its type
+        raise PixifyError(f"the model does not run on the example input {tuple(getattr(example, 'shape', ()))}: "
+                          f"{type(exc).__name__}: {exc}", hint) from None
 
 
 def max_workers() -> int:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import PixifyError
+from ..errors import PixifyError, short_reason
 from ..metrics import _logits
 from .distributed import _default_device
 from .logs import _Progress
@@ -70,8 +70,8 @@ def evaluate(model: nn.Module | str | Path, data: Any, teacher: nn.Module | str 
         try:
             out = _logits(student(x)).float()
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise PixifyError(f"batch {i} of shape {tuple(x.shape)} does not run through the model: {reason}",
+            raise PixifyError(f"batch {i} of shape {tuple(x.shape)} does not run through the model: "
+                              f"{short_reason(exc, 200)}",
                               "give images of the model's input size and channels") from None
         k = min(5, out.shape[1])
         top = out.topk(k, dim=1).indices

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PixifyError
+from ..errors import PixifyError, short_reason
 from ..metrics import _logits
 from ..outputs import check_output_dir, check_output_file
 from .config import FinetuneConfig, FinetuneResult, resolve_config
@@ -209,8 +209,7 @@ def _restore(run: _Run) -> None:
         if meta.get("scaler"):
             run.scaler.load_state_dict(meta["scaler"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise PixifyError(f"the optimizer state in {run.out} does not fit this run ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})",
+        raise PixifyError(f"the optimizer state in {run.out} does not fit this run ({short_reason(exc, 200)})",
                           "the run cannot be resumed; fine-tune its checkpoint into a new --out") from None
     run.start_epoch, run.step = int(meta["epoch"]), int(meta["step"])
     run.history = list(meta.get("history", []))
